@@ -1,0 +1,26 @@
+"""Shared test helpers: the benchmark scripts live at the repo root and are imported as modules."""
+import glob
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def run_script(script, *flags, timeout=600):
+    """Run a benchmark script as a user would; returns the CompletedProcess (stdout and stderr captured)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_scalars(run_dir):
+    """{tag: [(step, value), ...]} from the tensorboard event file(s) in run_dir, read with tensorboard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    assert files, f"no event file in {run_dir}"
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -1,0 +1,209 @@
+"""PMAT core (continuous actions) and the Multi-Agent MuJoCo script, on the real gymnasium-robotics environment."""
+import glob
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pmat_mamujoco as pm
+from conftest import read_scalars, run_script
+
+ORDERS = ["pmat", "mat", "rmat"]
+
+
+def perturbed_agent(order, obs_dim=7, act_dim=3, seed=0):
+    """A PMAT whose weights are moved away from the near-zero init, so every input really changes the outputs."""
+    torch.manual_seed(seed)
+    agent = pm.PMAT(obs_dim, act_dim, order, n_embd=16, n_head=2, n_block=2)
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return agent
+
+
+def test_decoder_is_causal():
+    """The output at position k depends on the actions of positions < k only (inputs at positions <= k)."""
+    agent = perturbed_agent("pmat")
+    torch.manual_seed(1)
+    prev, rep = torch.randn(4, 6, 3), torch.randn(4, 6, 16)
+    out = agent.decoder(prev, rep)
+    for k in range(6):
+        changed = prev.clone()
+        changed[:, k + 1 :] = torch.randn_like(changed[:, k + 1 :])  # actions of positions >= k
+        new = agent.decoder(changed, rep)
+        torch.testing.assert_close(new[:, : k + 1], out[:, : k + 1], rtol=0, atol=1e-6)
+        if k + 1 < 6:  # ... and it does see the action right before it
+            assert (new[:, k + 1] - out[:, k + 1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("n_agents", [4, 10])
+def test_rollout_log_probs_equal_training_pass(order, n_agents):
+    """For unchanged parameters the teacher-forced training pass in the stored order reproduces the rollout's
+    log-probs (so the first PPO ratio is exactly 1), for the actions and for the order; with N = 10 this also
+    shows that decoding on the prefix equals the full-sequence pass."""
+    agent = perturbed_agent(order)
+    obs = torch.randn(8, n_agents, 7)
+    action, log_prob, value, sigma, order_log_prob = agent.act(obs)
+    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(obs, action, sigma)
+    assert (new_log_prob - log_prob).abs().max() < 1e-5
+    assert (new_order_log_prob - order_log_prob).abs().max() < 1e-5
+    torch.testing.assert_close(new_value, value)
+    if order == "pmat":  # the check is sensitive: re-evaluating in agent index order (the reference code) differs
+        identity = torch.arange(n_agents).expand(8, n_agents)
+        assert (agent.evaluate(obs, action, identity)[0] - log_prob).abs().max() > 1e-3
+    if order == "rmat":  # a uniformly random order: log P = -log N!
+        torch.testing.assert_close(order_log_prob, torch.full((8,), -float(math.lgamma(n_agents + 1))))
+    if order == "mat":
+        assert torch.equal(sigma, torch.arange(n_agents).expand(8, n_agents))
+
+
+def test_actions_land_at_their_agents():
+    """Permuting the agents' observations permutes the actions the same way (deterministic PMAT order), and the
+    action of each agent equals a hand-written step-by-step decode in that agent's place in the order."""
+    agent = perturbed_agent("pmat")
+    torch.manual_seed(2)
+    obs = torch.randn(5, 6, 7)
+    action, _, _, sigma, _ = agent.act(obs, deterministic=True)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    action_p, _, _, _, _ = agent.act(obs[:, perm], deterministic=True)
+    torch.testing.assert_close(action_p, action[:, perm], rtol=0, atol=1e-5)
+    # hand decode for sample 0: walk the order, feeding each agent's action to the next
+    rep, _ = agent.encoder(obs[:1])
+    prev = [torch.zeros(3)]
+    for k, i in enumerate(sigma[0].tolist()):
+        reps = rep[0, sigma[0, : k + 1]].unsqueeze(0)
+        mean = agent.decoder(torch.stack(prev).unsqueeze(0), reps)[0, -1]
+        torch.testing.assert_close(action[0, i], mean.detach(), rtol=0, atol=1e-5)
+        prev.append(mean.detach())
+
+
+def test_gae_by_hand():
+    """One env, one agent, 4 steps: step 1 terminates, step 3 is cut by the time limit (bootstrap 5.0)."""
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0], [2.0], [0.5], [1.5]])
+    values = torch.tensor([[[0.5]], [[1.0]], [[2.0]], [[3.0]]])
+    dones = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
+    bootstrap = torch.zeros(4, 1, 1)
+    bootstrap[3] = 5.0
+    next_value = torch.tensor([[7.0]])  # value of the first obs of the next episode: must not leak back
+    adv, ret = pm.compute_gae(rewards, values, dones, bootstrap, next_value, gamma, lam)
+    d3 = 1.5 + 0.9 * 5.0 - 3.0  # 3.0, truncated: bootstrap from the final obs
+    d2 = 0.5 + 0.9 * 3.0 - 2.0  # 1.2
+    d1 = 2.0 - 1.0  # 1.0, terminated: no bootstrap
+    d0 = 1.0 + 0.9 * 1.0 - 0.5  # 1.4
+    a3, a2 = d3, d2 + 0.72 * d3
+    a1, a0 = d1, d0 + 0.72 * d1
+    torch.testing.assert_close(adv.flatten(), torch.tensor([a0, a1, a2, a3]))
+    torch.testing.assert_close(ret.flatten(), torch.tensor([a0, a1, a2, a3]) + values.flatten())
+
+
+def test_value_norm_matches_running_statistics():
+    norm = pm.ValueNorm(beta=0.9)
+    xs = [torch.tensor([1.0, 3.0]), torch.tensor([10.0, 14.0])]
+    for x in xs:
+        norm.update(x)
+    w = np.array([0.1 * 0.9, 0.1])  # debiased EMA weights of the two batches
+    mean = (w * [2.0, 12.0]).sum() / w.sum()
+    var = (w * [5.0, 148.0]).sum() / w.sum() - mean**2
+    y = torch.tensor([4.0])
+    torch.testing.assert_close(norm.normalize(y), torch.tensor([(4.0 - mean) / np.sqrt(var)], dtype=torch.float32))
+    torch.testing.assert_close(norm.denormalize(norm.normalize(y)), y)
+
+
+@pytest.mark.parametrize("conf, n_agents, obs_dim, act_dim", [("4x2", 4, 45, 2), ("8x1", 8, 35, 1)])
+def test_env_wrapper_shapes(conf, n_agents, obs_dim, act_dim):
+    env = pm.MaMuJoCoEnv("Ant", conf, agent_obsk=2)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (n_agents, obs_dim) and obs.dtype == np.float32
+    assert env.action_space.shape == (n_agents, act_dim)
+    assert info["state"].shape == (105,)
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert obs.shape == (n_agents, obs_dim) and isinstance(reward, float)
+    if conf == "8x1":  # agents with fewer observed joints are zero-padded at the end
+        assert min(env.obs_dims) < obs_dim == max(env.obs_dims)
+        short = int(np.argmin(env.obs_dims))
+        assert np.all(obs[short, env.obs_dims[short] :] == 0)
+    env.close()
+
+
+def test_vector_env_resets_after_termination_and_keeps_truncation_apart():
+    args = pm.Args(scenario="Ant", agent_conf="4x2", agent_obsk=1)
+    envs = pm.make_envs(args, 2, async_envs=False)
+    obs, _ = envs.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for t in range(2000):  # env 0 flails until the Ant is unhealthy (terminated); env 1 stays still until the time limit
+        action = np.zeros((2, 4, 2), np.float32)
+        action[0] = rng.choice([-1.0, 1.0], size=(4, 2))
+        obs, reward, terminated, truncated, info = envs.step(action)
+        if terminated[0]:
+            assert not truncated[0]
+            final = info["final_obs"][0]
+            assert final.shape == (4, 42) and not np.allclose(final, obs[0])  # a fresh episode started
+            break
+    else:
+        pytest.fail("the Ant never terminated under random flailing")
+    for t in range(1001):
+        obs, reward, terminated, truncated, info = envs.step(np.zeros((2, 4, 2), np.float32))
+        if truncated[1]:
+            assert not terminated[1] and info["final_obs"][1].shape == (4, 42)
+            break
+    else:
+        pytest.fail("no truncation at the 1000-step limit")
+    envs.close()
+
+
+TINY = ["--scenario", "HalfCheetah", "--agent-conf", "6x1", "--num-envs", "2", "--num-steps", "25",
+        "--total-timesteps", "100", "--num-minibatches", "2", "--update-epochs", "2", "--eval-interval", "2",
+        "--eval-episodes", "1", "--no-async-envs"]
+DOCUMENTED_TAGS = ["charts/SPS", "charts/learning_rate", "losses/value_loss", "losses/policy_loss", "losses/entropy",
+                   "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "losses/ranking_loss",
+                   "eval/episodic_return", "order/neg_log_prob", "order/agent0_first"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_script_runs_and_logs(order, tmp_path):
+    run_dir = str(tmp_path / order)
+    flags = TINY + ["--order", order, "--run-dir", run_dir] + (["--save-model"] if order == "pmat" else [])
+    result = run_script("pmat_mamujoco.py", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "iter 2/2" in result.stdout
+    scalars = read_scalars(run_dir)
+    for tag in DOCUMENTED_TAGS:
+        assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
+    assert [s for s, _ in scalars["charts/SPS"]] == [50, 100]  # x axis = env steps
+    if order == "pmat":  # the checkpoint loads and evaluates
+        agent, saved_args = pm.load_agent(glob.glob(os.path.join(run_dir, "*.cleanrl_model"))[0])
+        assert saved_args["order"] == "pmat" and saved_args["agent_conf"] == "6x1"
+        env = pm.MaMuJoCoEnv("HalfCheetah", "6x1", agent_obsk=2)
+        returns = pm.evaluate_policy(agent, env, episodes=1, device="cpu")
+        assert len(returns) == 1 and np.isfinite(returns[0])
+    if order == "mat":
+        assert scalars["order/agent0_first"][0][1] == 1.0  # the fixed order always starts with agent 0
+
+
+def test_same_seed_same_losses_other_seed_different(tmp_path):
+    def losses(seed, name):
+        run_dir = str(tmp_path / name)
+        result = run_script("pmat_mamujoco.py", *TINY, "--seed", str(seed), "--run-dir", run_dir, "--eval-interval", "0")
+        assert result.returncode == 0, result.stderr[-3000:]
+        scalars = read_scalars(run_dir)
+        return [v for tag in ("losses/policy_loss", "losses/value_loss", "losses/ranking_loss") for _, v in scalars[tag]]
+
+    first, again, other = losses(1, "a"), losses(1, "b"), losses(2, "c")
+    assert first == again
+    assert first != other
+
+
+@pytest.mark.parametrize("flags, bad, accepted", [
+    (["--agent-conf", "3x3"], "'3x3'", "2x4d, 4x2, 8x1"),
+    (["--scenario", "Spider"], "'Spider'", "HalfCheetah: 2x3, 6x1"),
+    (["--num-minibatches", "7", "--num-envs", "2", "--num-steps", "5"], "--num-minibatches 7", "divides"),
+])
+def test_bad_input_gives_a_clear_message(flags, bad, accepted):
+    result = run_script("pmat_mamujoco.py", *flags)
+    assert result.returncode != 0
+    assert bad in result.stderr and accepted in result.stderr
+    assert "Traceback" not in result.stderr
