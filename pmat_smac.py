@@ -1,0 +1,895 @@
+"""PMAT (Prioritized Multi-Agent Transformer) on the StarCraft Multi-Agent Challenge, in one file.
+
+Hu et al., "PMAT: Optimizing Action Generation Order in Multi-Agent Reinforcement Learning", AAMAS 2025.
+
+PMAT = MAT + AGPS:
+  * MAT: an encoder reads every agent's observation and predicts per-agent values; an auto-regressive decoder
+    then emits the agents' actions one after another, each agent seeing the actions already chosen.
+  * AGPS (Action Generation with Plackett-Luce Sampling): a scoring block rates each agent, a decision order
+    sigma is sampled from the Plackett-Luce distribution over those ratings (eq. 8, 11), the decoder acts in
+    that order, and the order itself is trained with a clipped PPO "ranking" loss (eq. 15-16).
+
+SMAC actions are discrete and some are unavailable at each step (out of range, dead unit, ...): the decoder
+masks them in the sampled order, so an unavailable action is never chosen.
+
+Two backends run the battles (their numbers are NOT comparable, the run's logged text says which one ran):
+  * sc2:  the real StarCraft II game through smacv2 (SMACv1 maps such as MMM2, 10m_vs_11m). Needs the game.
+  * smax: JaxMARL's SMAX, a pure-JAX re-implementation of SMAC that runs on the CPU (no medivac, so no MMM2).
+  * auto: sc2 when the game and smacv2 are installed, else smax.
+
+Run:  python pmat_smac.py --map MMM2 --cuda          (real game)
+      python pmat_smac.py --map 10m_vs_11m --backend smax          (see --help for every flag)
+"""
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """if toggled, train on the GPU (falls back to the CPU with a warning when CUDA is missing)"""
+    torch_threads: int = 1
+    """CPU threads for torch (1 is fastest for these small networks and leaves the cores to the envs)"""
+    track: bool = False
+    """if toggled, also log to Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "pmat"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """if toggled, save the model to `{run_dir}/{exp_name}.cleanrl_model` at the end"""
+    run_dir: Optional[str] = None
+    """folder for this run's tensorboard events and checkpoint (default: runs/{run_name})"""
+
+    # Environment
+    map: str = "MMM2"
+    """the SMAC map (sc2: any SMACv1 map of smacv2; smax: the maps SMAX knows, listed on a bad --map)"""
+    backend: Literal["auto", "sc2", "smax"] = "auto"
+    """who plays the battles: sc2 = the real StarCraft II via smacv2, smax = JaxMARL's SMAX on the CPU, auto = sc2 if it can run"""
+    smax_max_steps: int = 100
+    """SMAX only: the episode time limit in env steps (JaxMARL's default)"""
+    jax_cache_dir: str = "~/.cache/pmat_smac_jax"
+    """SMAX only: JAX's persistent compilation cache, so later runs skip most of the compile time ("" = off)"""
+
+    # Algorithm
+    order: Literal["pmat", "mat", "rmat"] = "pmat"
+    """decision order: pmat = learned Plackett-Luce order, mat = fixed agent order, rmat = uniformly random order"""
+    total_timesteps: int = 10_000_000
+    """total env steps of the experiment (one step of one env moves all agents)"""
+    learning_rate: float = 5e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 32
+    """the number of parallel envs"""
+    num_steps: int = 100
+    """steps per env in each rollout"""
+    gamma: float = 0.99
+    """the discount factor"""
+    gae_lambda: float = 0.95
+    """the lambda of generalized advantage estimation"""
+    num_minibatches: int = 1
+    """the number of mini-batches per epoch"""
+    update_epochs: int = 15
+    """the number of PPO epochs per rollout"""
+    clip_coef: float = 0.05
+    """PPO clip range, for the policy, ranking and value losses"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 1.0
+    """coefficient of the value loss"""
+    rank_coef: float = 1e-4
+    """coefficient of the ranking loss (eq. 16)"""
+    max_grad_norm: float = 10.0
+    """the maximum norm of the gradient"""
+    huber_delta: float = 10.0
+    """delta of the Huber value loss"""
+    n_block: int = 1
+    """transformer blocks in the encoder and in the decoder"""
+    n_embd: int = 64
+    """embedding size"""
+    n_head: int = 1
+    """attention heads"""
+
+    # Evaluation
+    eval_interval: int = 25
+    """iterations between deterministic evaluations (0: never)"""
+    eval_episodes: int = 32
+    """battles per evaluation"""
+
+    # filled in at runtime
+    batch_size: int = 0
+    minibatch_size: int = 0
+    num_iterations: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment: the real StarCraft II (smacv2) or SMAX (JaxMARL), both as a vector of num_envs battles
+# ---------------------------------------------------------------------------------------------------------------
+# Both wrappers have the same interface, with N = allied agents and A = actions per agent:
+#   reset() -> obs (E, N, obs_dim) float32, avail (E, N, A) bool
+#   step(actions (E, N) int) -> obs, avail, reward (E,) float, done (E,) bool, won (E,) bool
+# A finished battle is reset inside step(): the obs and avail returned for it belong to the next battle. The
+# reward is the team's shared reward. A battle that hits the time limit counts as done and lost, as in SMAC.
+SC2_INSTALL = (
+    "To play the real game: (1) install the StarCraft II Linux package (https://github.com/Blizzard/s2client-proto"
+    "#downloads, unzip with the password 'iagreetotheeula' into ~/StarCraftII, or set SC2PATH to where it is), "
+    "(2) put the SMAC maps (https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip) into "
+    "$SC2PATH/Maps/SMAC_Maps, (3) pip install git+https://github.com/oxwhirl/smacv2.git"
+)
+MEDIVAC_MAPS = ("MMM", "MMM2")  # SMACv1 maps with Medivacs, a unit SMAX does not have
+
+
+def sc2_problem():
+    """Why the real game cannot run here, or None if smacv2 and StarCraft II are both installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("smacv2") is None:
+        return "smacv2 is not installed"
+    sc2_path = os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII"))
+    if not os.path.isdir(os.path.join(sc2_path, "Versions")):
+        where = "SC2PATH" if "SC2PATH" in os.environ else "the default path (SC2PATH is not set)"
+        return f"StarCraft II was not found at {sc2_path}, {where}"
+    return None
+
+
+def sc2_maps():
+    from smacv2.env.starcraft2.maps import smac_maps
+
+    return sorted(smac_maps.get_smac_map_registry())
+
+
+def smax_maps():
+    try:
+        from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
+    except ImportError:
+        sys.exit("error: the smax backend needs JaxMARL: pip install jaxmarl==0.2.0 (or pip install -r requirements.txt)")
+    return list(MAP_NAME_TO_SCENARIO)
+
+
+def smax_map_error(map_name):
+    """The message for a map SMAX cannot play (MMM2: no medivac) with the maps it has."""
+    known = ", ".join(smax_maps())
+    if map_name in MEDIVAC_MAPS:
+        return (f"map {map_name!r} is not in SMAX: it has Medivacs (healers) and SMAX has no medivac unit "
+                f"(SMAX units: marine, marauder, stalker, zealot, zergling, hydralisk). SMAX maps: {known}")
+    return f"unknown SMAX map {map_name!r}. SMAX maps: {known}"
+
+
+def choose_backend(backend, map_name):
+    """Resolve --backend for --map -> ("sc2" or "smax", why); exits with a clear message when neither can run."""
+    if backend == "sc2":
+        problem = sc2_problem()
+        if problem:
+            sys.exit(f"error: --backend sc2 cannot run: {problem}. {SC2_INSTALL}")
+        if map_name not in sc2_maps():
+            sys.exit(f"error: unknown SMAC map {map_name!r}. smacv2 maps: {', '.join(sc2_maps())}")
+        return "sc2", "asked for with --backend sc2"
+    if backend == "smax":
+        if map_name not in smax_maps():
+            sys.exit(f"error: {smax_map_error(map_name)}")
+        return "smax", "asked for with --backend smax"
+    problem = sc2_problem()
+    if problem is None and map_name in sc2_maps():
+        return "sc2", "smacv2 and StarCraft II are installed"
+    if map_name in smax_maps():
+        why = problem or f"{map_name} is a SMAX-only map"
+        return "smax", f"the real game cannot run ({why}); SMAX numbers are not comparable with SMAC's"
+    if problem:
+        sys.exit(f"error: --map {map_name} needs the real game, which cannot run: {problem}. {SC2_INSTALL}. "
+                 f"Without the game only SMAX maps run; {smax_map_error(map_name)}")
+    sys.exit(f"error: unknown map {map_name!r}. smacv2 maps: {', '.join(sc2_maps())}; SMAX maps: {', '.join(smax_maps())}")
+
+
+def setup_jax(cache_dir):
+    """SMAX runs on the CPU (set JAX_PLATFORMS yourself to override); the persistent cache keeps compiled steps."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+SMAX_FUNCTIONS = {}  # (map, max_steps) -> (env, reset_all, step_all): built and compiled once per process
+
+
+def smax_functions(map_name, max_steps):
+    """The SMAX env and two jitted functions that handle every env of a batch in one call (jax.vmap):
+    reset_all(keys) and step_all(keys, states, actions), each returning obs, avail (and reward, done, won)."""
+    if (map_name, max_steps) in SMAX_FUNCTIONS:
+        return SMAX_FUNCTIONS[map_name, max_steps]
+    import jax
+    import jax.numpy as jnp
+    from jaxmarl import make
+    from jaxmarl.environments.smax import map_name_to_scenario
+
+    env = make("HeuristicEnemySMAX", scenario=map_name_to_scenario(map_name), max_steps=max_steps)
+    agents, n = env.agents, env.num_agents  # the allies: ally_0 .. ally_{N-1}; the enemies are scripted
+
+    def strong(tree):
+        # The weak-dtype trap: reset leaves some fields "weakly typed", step returns them strongly typed, and the
+        # second jitted step would compile again. Casting every leaf to its own dtype makes all of them strong.
+        return jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), tree)
+
+    def observe(obs, state):
+        avail = env.get_avail_actions(state)
+        return jnp.stack([obs[a] for a in agents]), jnp.stack([avail[a] for a in agents]).astype(bool)  # (N, D), (N, A)
+
+    def reset_one(key):
+        obs, state = env.reset(key)
+        state = strong(state)
+        return (state, *observe(obs, state))
+
+    def step_one(key, state, action):  # action (N,) int
+        key, step_key, reset_key = jax.random.split(key, 3)
+        obs, state, reward, done, _ = env.step_env(step_key, state, {a: action[i] for i, a in enumerate(agents)})
+        done = done["__all__"]
+        alive = state.state.unit_alive  # (N + enemies,), allies first
+        won = done & ~alive[n:].any() & alive[:n].any()  # SMAX's own win rule: every enemy dead, an ally alive
+        # Auto-reset: a finished battle continues as a fresh one (both are computed: vmap cannot branch per env)
+        obs_new, state_new = env.reset(reset_key)
+        state = jax.tree.map(lambda x, y: jnp.where(done, x, y), strong(state_new), strong(state))
+        obs = {a: jnp.where(done, obs_new[a], obs[a]) for a in agents}
+        obs, avail = observe(obs, state)
+        return key, state, obs, avail, reward[agents[0]], done, won  # the reward is shared by the team
+
+    SMAX_FUNCTIONS[map_name, max_steps] = env, jax.jit(jax.vmap(reset_one)), jax.jit(jax.vmap(step_one))
+    return SMAX_FUNCTIONS[map_name, max_steps]
+
+
+class SmaxVecEnv:
+    """num_envs SMAX battles stepped together by one jitted call; one host transfer per step."""
+
+    def __init__(self, map_name, num_envs, seed, max_steps):
+        import jax
+
+        self.jax = jax
+        env, self._reset_all, self._step_all = smax_functions(map_name, max_steps)
+        self.num_envs, self.n_agents = num_envs, env.num_agents
+        self.obs_dim = env.observation_spaces[env.agents[0]].shape[0]
+        self.n_actions = env.action_spaces[env.agents[0]].n
+        self.keys = jax.random.split(jax.random.PRNGKey(seed), num_envs)  # one random stream per env
+        self.states = None
+        self.restarts = 0  # the real game's crash counter; SMAX never crashes
+
+    def reset(self):
+        keys = self.jax.vmap(self.jax.random.split)(self.keys)  # (E, 2, key): a new stream and a reset key per env
+        self.keys = keys[:, 0]
+        self.states, obs, avail = self._reset_all(keys[:, 1])
+        return [np.array(x) for x in self.jax.device_get((obs, avail))]  # writable copies, as torch wants
+
+    def step(self, actions):
+        self.keys, self.states, *out = self._step_all(self.keys, self.states, np.asarray(actions, dtype=np.int32))
+        return [np.array(x) for x in self.jax.device_get(out)]  # obs, avail, reward, done, won: one transfer
+
+    def close(self):
+        pass
+
+
+def make_sc2_env(map_name, seed):
+    from smacv2.env import StarCraft2Env
+
+    return StarCraft2Env(map_name=map_name, seed=seed)
+
+
+class Sc2VecEnv:
+    """num_envs StarCraft II games (smacv2 StarCraft2Env), stepped in threads: each step mostly waits for its own
+    game process, so threads run the games in parallel. A game that crashes is started again: its battle counts
+    as lost, `restarts` counts it, and the run goes on. env_fn(map_name, seed) builds one game (tests pass a
+    stand-in)."""
+
+    max_failures = 3  # consecutive failed restarts of one game before the run gives up
+
+    def __init__(self, map_name, num_envs, seed, env_fn=make_sc2_env):
+        self.map_name, self.num_envs, self.seed, self.env_fn = map_name, num_envs, seed, env_fn
+        self.envs = [env_fn(map_name, seed + 1000 * e) for e in range(num_envs)]
+        info = self.envs[0].get_env_info()
+        self.n_agents, self.obs_dim, self.n_actions = info["n_agents"], info["obs_shape"], info["n_actions"]
+        self.restarts = 0
+        self.pool = ThreadPoolExecutor(max_workers=num_envs)
+
+    def _observe(self, e):
+        env = self.envs[e]
+        return np.asarray(env.get_obs(), np.float32), np.asarray(env.get_avail_actions()) > 0  # (N, D), (N, A)
+
+    def _restart(self, e, error):
+        """Replace a crashed game by a new one and start a battle in it; returns its (obs, avail)."""
+        for attempt in range(1, self.max_failures + 1):
+            self.restarts += 1
+            print(f"warning: StarCraft II game {e} failed ({type(error).__name__}: {error}); restart {self.restarts}, "
+                  f"attempt {attempt}; its battle counts as lost", flush=True)
+            try:
+                self.envs[e].close()
+            except Exception:
+                pass  # the process is already gone
+            try:
+                self.envs[e] = self.env_fn(self.map_name, self.seed + 1000 * e + 1_000_000 * self.restarts)
+                self.envs[e].reset()
+                return self._observe(e)
+            except Exception as new_error:
+                error = new_error
+        raise RuntimeError(f"StarCraft II game {e} could not be restarted {self.max_failures} times: {error}")
+
+    def _reset_one(self, e):
+        try:
+            self.envs[e].reset()
+            return self._observe(e)
+        except Exception as error:
+            return self._restart(e, error)
+
+    def _step_one(self, e, action):
+        """One game's step -> obs, avail, reward, done, won; a crash ends the battle as a loss."""
+        try:
+            reward, terminated, info = self.envs[e].step(action.tolist())
+            if terminated and "battle_won" not in info:
+                # smacv2 restarts a game whose connection failed by itself and returns (0, True, {})
+                self.restarts += 1
+                print(f"warning: smacv2 restarted StarCraft II game {e}; its battle counts as lost", flush=True)
+            won = bool(info.get("battle_won", False))
+            if terminated:
+                self.envs[e].reset()
+            return (*self._observe(e), float(reward), bool(terminated), won)
+        except Exception as error:
+            return (*self._restart(e, error), 0.0, True, False)
+
+    def _gather(self, results):
+        try:
+            results = list(results)
+        except RuntimeError as error:
+            sys.exit(f"error: {error}")
+        return [np.stack(x) for x in zip(*results)]
+
+    def reset(self):
+        return self._gather(self.pool.map(self._reset_one, range(self.num_envs)))
+
+    def step(self, actions):
+        obs, avail, reward, done, won = self._gather(self.pool.map(self._step_one, range(self.num_envs), actions))
+        return obs, avail, reward.astype(np.float32), done, won
+
+    def close(self):
+        self.pool.shutdown()
+        for env in self.envs:
+            try:
+                env.close()
+            except Exception:
+                pass
+
+
+def make_envs(args, backend, num_envs, seed):
+    if backend == "sc2":
+        return Sc2VecEnv(args.map, num_envs, seed)
+    return SmaxVecEnv(args.map, num_envs, seed, args.smax_max_steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AGPS: Plackett-Luce decision orders
+# ---------------------------------------------------------------------------------------------------------------
+def plackett_luce_log_prob(log_weights, order):
+    """log P(order | z), paper eq. 8/11: sum_k [ z_sigma(k) - logsumexp_{j >= k} z_sigma(j) ].
+
+    log_weights z: (B, N) float; order sigma: (B, N) long, sigma[:, k] = the agent that acts k-th. Returns (B,).
+    """
+    z = log_weights.gather(1, order)  # (B, N), weights in decision order
+    remaining = torch.logcumsumexp(z.flip(1), dim=1).flip(1)  # (B, N), logsumexp over the agents not yet placed
+    return (z - remaining).sum(1)
+
+
+def plackett_luce_sample(log_weights, deterministic=False):
+    """Sample an order from P(sigma | z) -> (order (B, N) long, log P(order) (B,)).
+
+    Gumbel-top-k: sorting z + Gumbel noise gives an exact P-L sample in one step (the same distribution as
+    picking agents one by one with a softmax over those left). deterministic=True sorts by weight, descending.
+    """
+    keys = log_weights if deterministic else log_weights - torch.log(torch.empty_like(log_weights).exponential_())
+    order = torch.argsort(keys, dim=1, descending=True, stable=True)
+    return order, plackett_luce_log_prob(log_weights, order)
+
+
+def gather_agents(x, index):
+    """Reorder x (B, N, ...) along the agent axis: out[b, k] = x[b, index[b, k]]."""
+    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), index]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Network: MAT encoder and decoder, PMAT scoring block
+# ---------------------------------------------------------------------------------------------------------------
+GELU_GAIN = nn.init.calculate_gain("relu")  # sqrt(2), MAT's gain for a layer followed by a GELU
+
+
+def layer_init(layer, gain=0.01):
+    """Orthogonal weights and zero bias (MAT's init: gain sqrt(2) before a GELU, 0.01 elsewhere)."""
+    nn.init.orthogonal_(layer.weight, gain)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class Attention(nn.Module):
+    """Multi-head attention; causal=True lets position k attend to positions <= k only."""
+
+    def __init__(self, n_embd, n_head, causal):
+        super().__init__()
+        self.n_head, self.causal = n_head, causal
+        self.query = layer_init(nn.Linear(n_embd, n_embd))
+        self.key = layer_init(nn.Linear(n_embd, n_embd))
+        self.value = layer_init(nn.Linear(n_embd, n_embd))
+        self.proj = layer_init(nn.Linear(n_embd, n_embd))
+
+    def forward(self, query, key, value):  # (B, L, E) each
+        B, L, E = query.shape
+        q, k, v = (
+            lin(x).view(B, L, self.n_head, E // self.n_head).transpose(1, 2)  # (B, H, L, E/H)
+            for lin, x in ((self.query, query), (self.key, key), (self.value, value))
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, E/H)
+        return self.proj(y.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+
+
+def mlp(n_embd):
+    return nn.Sequential(layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), layer_init(nn.Linear(n_embd, n_embd)))
+
+
+class EncodeBlock(nn.Module):
+    """Post-LN block, no mask: x = LN(x + SelfAttn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.attn = Attention(n_embd, n_head, causal=False)
+        self.mlp = mlp(n_embd)
+        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+
+    def forward(self, x):  # (B, N, E)
+        x = self.ln1(x + self.attn(x, x, x))
+        return self.ln2(x + self.mlp(x))
+
+
+class DecodeBlock(nn.Module):
+    """x = LN(x + CausalSelfAttn(x)); x = LN(rep + CausalAttn(q=rep, k=v=x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.attn1 = Attention(n_embd, n_head, causal=True)
+        self.attn2 = Attention(n_embd, n_head, causal=True)
+        self.mlp = mlp(n_embd)
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+
+    def forward(self, x, rep):  # (B, L, E) action embeddings, (B, L, E) observation encodings, both in decision order
+        x = self.ln1(x + self.attn1(x, x, x))  # actions of the agents before k
+        x = self.ln2(rep + self.attn2(rep, x, x))  # agent k's observation looks at them
+        return self.ln3(x + self.mlp(x))
+
+
+class Encoder(nn.Module):
+    """Observations -> encodings obs_rep (B, N, E) and per-agent values (B, N). No positional encoding: swapping
+    two agents' observations swaps their outputs (permutation-equivariant), so any decision order can be used."""
+
+    def __init__(self, obs_dim, n_embd, n_head, n_block):
+        super().__init__()
+        self.obs_encoder = nn.Sequential(nn.LayerNorm(obs_dim), layer_init(nn.Linear(obs_dim, n_embd), GELU_GAIN), nn.GELU())
+        self.ln = nn.LayerNorm(n_embd)
+        self.blocks = nn.Sequential(*[EncodeBlock(n_embd, n_head) for _ in range(n_block)])
+        self.value_head = nn.Sequential(
+            layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), nn.LayerNorm(n_embd), layer_init(nn.Linear(n_embd, 1))
+        )
+
+    def forward(self, obs):  # (B, N, obs_dim)
+        rep = self.blocks(self.ln(self.obs_encoder(obs)))  # (B, N, E)
+        return rep, self.value_head(rep).squeeze(-1)  # (B, N, E), (B, N)
+
+
+class ScoringBlock(nn.Module):
+    """PMAT's scoring block: a priority score v_i in [1, 10] per agent from its encoding; log-weights z_i = log v_i (eq. 11).
+    The bounded score keeps the order distribution from collapsing; at init all v_i ~ 5.5 (a near-uniform order)."""
+
+    def __init__(self, n_embd, hidden=64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(n_embd),
+            layer_init(nn.Linear(n_embd, hidden), GELU_GAIN), nn.GELU(), nn.LayerNorm(hidden),
+            layer_init(nn.Linear(hidden, hidden), GELU_GAIN), nn.GELU(), nn.LayerNorm(hidden),
+            layer_init(nn.Linear(hidden, 1), 0.01),
+        )
+
+    def forward(self, rep):  # (B, N, E) -> (B, N)
+        score = 9.0 * torch.sigmoid(self.net(rep).squeeze(-1)) + 1.0
+        return torch.log(score)
+
+
+class Decoder(nn.Module):
+    """Discrete actions: input at position k is the one-hot of the action of position k-1, one column wider than the
+    action space, with a start token (column 0) at k = 0; output is agent k's action logits."""
+
+    def __init__(self, n_actions, n_embd, n_head, n_block):
+        super().__init__()
+        self.action_encoder = nn.Sequential(layer_init(nn.Linear(n_actions + 1, n_embd, bias=False), GELU_GAIN), nn.GELU())
+        self.ln = nn.LayerNorm(n_embd)
+        self.blocks = nn.ModuleList([DecodeBlock(n_embd, n_head) for _ in range(n_block)])
+        self.head = nn.Sequential(
+            layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), nn.LayerNorm(n_embd), layer_init(nn.Linear(n_embd, n_actions))
+        )
+
+    def forward(self, prev_action, rep):  # (B, L, A+1) shifted one-hot actions, (B, L, E) encodings, in decision order
+        x = self.ln(self.action_encoder(prev_action))  # (B, L, E)
+        for block in self.blocks:
+            x = block(x, rep)
+        return self.head(x)  # (B, L, A) action logits
+
+
+def masked_logits(logits, avail):
+    """Unavailable actions get a logit of -1e10 (MAT): probability exactly 0, so they are never sampled."""
+    return logits.masked_fill(~avail, -1e10)
+
+
+class PMAT(nn.Module):
+    def __init__(self, obs_dim, n_actions, order="pmat", n_embd=64, n_head=1, n_block=1):
+        super().__init__()
+        self.order_mode, self.n_actions = order, n_actions
+        self.encoder = Encoder(obs_dim, n_embd, n_head, n_block)
+        self.decoder = Decoder(n_actions, n_embd, n_head, n_block)
+        self.scorer = ScoringBlock(n_embd) if order == "pmat" else None  # MAT and rMAT learn no order
+
+    def order_log_weights(self, rep):  # (B, N, E) -> P-L log-weights z (B, N)
+        if self.order_mode == "pmat":
+            return self.scorer(rep)
+        return torch.zeros(rep.shape[:2], device=rep.device)  # rmat: equal weights = a uniformly random order
+
+    def get_order(self, rep, deterministic=False):
+        """Decision order sigma (B, N) and log P(sigma) (B,). Only PMAT's order is deterministic at evaluation."""
+        B, N, _ = rep.shape
+        if self.order_mode == "mat":
+            return torch.arange(N, device=rep.device).expand(B, N), torch.zeros(B, device=rep.device)
+        return plackett_luce_sample(self.order_log_weights(rep), deterministic and self.order_mode == "pmat")
+
+    @torch.no_grad()
+    def act(self, obs, avail, deterministic=False):
+        """Rollout. obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N) and values
+        (B, N) in agent order, the order (B, N) and its log-prob (B,)."""
+        rep, value = self.encoder(obs)
+        order, order_log_prob = self.get_order(rep, deterministic)
+        rep = gather_agents(rep, order)  # (B, N, E), reordered: position k holds agent sigma(k)
+        avail = gather_agents(avail, order)  # (B, N, A), the masks in the same order
+        B, N, _ = rep.shape
+        prev_action = torch.zeros(B, N, self.n_actions + 1, device=obs.device)  # decoder input, shifted right
+        prev_action[:, 0, 0] = 1.0  # the start token
+        action = torch.zeros(B, N, dtype=torch.long, device=obs.device)
+        log_prob = torch.zeros(B, N, device=obs.device)
+        for k in range(N):
+            # The causal mask hides positions > k from position k: the decoder on the prefix 0..k gives exactly
+            # the full pass's output at k, without computing the positions that have no input yet.
+            logits = masked_logits(self.decoder(prev_action[:, : k + 1], rep[:, : k + 1])[:, k], avail[:, k])  # (B, A)
+            dist = Categorical(logits=logits)
+            action[:, k] = logits.argmax(-1) if deterministic else dist.sample()
+            log_prob[:, k] = dist.log_prob(action[:, k])
+            if k + 1 < N:
+                prev_action[:, k + 1, 1:] = F.one_hot(action[:, k], self.n_actions)  # agent sigma(k+1) sees sigma(k)'s action
+        inverse = torch.argsort(order, dim=1)  # inverse[b, i] = position of agent i in the order
+        return gather_agents(action, inverse), gather_agents(log_prob, inverse), value, order, order_log_prob
+
+    def evaluate(self, obs, action, avail, order):
+        """Training pass: one teacher-forced decoder call over the stored actions, in the STORED order, so each
+        agent's log-prob is conditioned on the same predecessors as in the rollout (paper eq. 6).
+        obs (B, N, obs_dim), action (B, N) long, avail (B, N, A) bool, order (B, N) -> log-probs (B, N),
+        entropy (B, N), values (B, N), log P(order) (B,)."""
+        rep, value = self.encoder(obs)
+        if self.order_mode == "mat":
+            order_log_prob = torch.zeros(obs.shape[0], device=obs.device)
+        else:
+            order_log_prob = plackett_luce_log_prob(self.order_log_weights(rep), order)
+        action_sigma = gather_agents(action, order)  # (B, N) in decision order
+        one_hot = F.one_hot(action_sigma, self.n_actions + 1).roll(1, dims=-1).float()  # action a -> column a + 1
+        start = F.one_hot(torch.zeros_like(action_sigma[:, :1]), self.n_actions + 1).float()  # (B, 1, A+1)
+        prev_action = torch.cat([start, one_hot[:, :-1]], dim=1)  # (B, N, A+1), shifted right
+        logits = self.decoder(prev_action, gather_agents(rep, order))  # (B, N, A) in decision order
+        logits = gather_agents(logits, torch.argsort(order, dim=1))  # back in agent order
+        dist = Categorical(logits=masked_logits(logits, avail))
+        return dist.log_prob(action), dist.entropy(), value, order_log_prob
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Value normalisation and GAE
+# ---------------------------------------------------------------------------------------------------------------
+class ValueNorm(nn.Module):
+    """Running mean and variance of the value targets (debiased EMA); the critic learns normalised targets."""
+
+    def __init__(self, beta=0.99999, eps=1e-5):
+        super().__init__()
+        self.beta, self.eps = beta, eps
+        self.register_buffer("running_mean", torch.zeros(()))
+        self.register_buffer("running_mean_sq", torch.zeros(()))
+        self.register_buffer("debiasing_term", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x):
+        self.running_mean.mul_(self.beta).add_((1 - self.beta) * x.mean())
+        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * (x**2).mean())
+        self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+
+    def mean_std(self):
+        mean = self.running_mean / self.debiasing_term.clamp(min=self.eps)
+        mean_sq = self.running_mean_sq / self.debiasing_term.clamp(min=self.eps)
+        return mean, (mean_sq - mean**2).clamp(min=1e-2).sqrt()
+
+    def normalize(self, x):
+        mean, std = self.mean_std()
+        return (x - mean) / std
+
+    def denormalize(self, x):
+        mean, std = self.mean_std()
+        return x * std + mean
+
+
+def compute_gae(rewards, values, dones, bootstrap, next_value, gamma, gae_lambda):
+    """Generalised advantage estimation per agent, on de-normalised values.
+
+    rewards, dones: (T, E); values, bootstrap: (T, E, N); next_value: (E, N), the value after the last step.
+    dones[t] = 1 if the episode ended at step t (terminated or truncated). bootstrap[t] = V(final obs) if step t
+    was truncated by the time limit, else 0: a truncated episode is cut but its last reward still bootstraps.
+    Returns advantages and returns, (T, E, N).
+    """
+    advantages = torch.zeros_like(values)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        following = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        not_done = (1.0 - dones[t]).unsqueeze(-1)  # (E, 1)
+        delta = rewards[t].unsqueeze(-1) + gamma * (not_done * following + bootstrap[t]) - values[t]
+        last = delta + gamma * gae_lambda * not_done * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation and checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def evaluate_policy(agent, envs, episodes, device):
+    """Deterministic order and deterministic actions; returns (won, return) of each of `episodes` battles.
+    Env e plays a fixed quota of battles, so that short battles do not crowd out long ones in the average."""
+    quota = np.full(envs.num_envs, episodes // envs.num_envs)
+    quota[: episodes % envs.num_envs] += 1
+    obs, avail = envs.reset()
+    total, wins, returns = np.zeros(envs.num_envs), [], []
+    while quota.any():
+        action = agent.act(torch.as_tensor(obs, device=device), torch.as_tensor(avail, device=device), deterministic=True)[0]
+        obs, avail, reward, done, won = envs.step(action.cpu().numpy())
+        total += reward
+        for e in np.flatnonzero(done):
+            if quota[e] > 0:
+                wins.append(bool(won[e]))
+                returns.append(total[e])
+                quota[e] -= 1
+            total[e] = 0.0
+    return wins, returns
+
+
+def load_agent(path, device="cpu"):
+    """Rebuild a trained agent from a `--save-model` checkpoint -> (agent, the run's args as a dict)."""
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    a = checkpoint["args"]
+    agent = PMAT(checkpoint["obs_dim"], checkpoint["n_actions"], a["order"], a["n_embd"], a["n_head"], a["n_block"])
+    agent.load_state_dict(checkpoint["model"])
+    return agent.to(device).eval(), a
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    backend, why = choose_backend(args.backend, args.map)
+    args.batch_size = args.num_envs * args.num_steps
+    if args.batch_size % args.num_minibatches != 0:
+        sys.exit(
+            f"error: num_envs * num_steps = {args.batch_size} does not split into --num-minibatches "
+            f"{args.num_minibatches}; choose values where it divides evenly"
+        )
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    if args.num_iterations < 1:
+        sys.exit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout (num_envs * num_steps = {args.batch_size})")
+    run_name = f"{args.map}-{backend}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
+    run_dir = args.run_dir or f"runs/{run_name}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            sys.exit("error: --track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    backend_text = f"backend: {backend} ({why})" + ("" if backend == "sc2" else "; SMAX win rates are not SMAC win rates")
+    writer.add_text("backend", backend_text)
+
+    # Seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but CUDA is not available; training on the CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Env setup
+    print(backend_text, flush=True)
+    if backend == "smax":
+        setup_jax(args.jax_cache_dir)
+    envs = make_envs(args, backend, args.num_envs, args.seed)
+    n_agents, obs_dim, n_actions = envs.n_agents, envs.obs_dim, envs.n_actions
+    eval_envs = None
+    if args.eval_interval > 0:  # SMAX: as many envs as training, so the compiled step is reused
+        eval_envs = make_envs(args, backend, args.num_envs if backend == "smax" else min(args.num_envs, args.eval_episodes), args.seed + 10_000)
+    print(f"{args.map} ({backend}): {n_agents} agents, obs {obs_dim}, actions {n_actions}; order={args.order}; "
+          f"{args.num_envs} envs; logging to {run_dir}", flush=True)
+
+    agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
+    value_norm = ValueNorm().to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
+
+    # Rollout storage, time-major
+    T, E, N = args.num_steps, args.num_envs, n_agents
+    obs_buf = torch.zeros((T, E, N, obs_dim), device=device)
+    avail_buf = torch.zeros((T, E, N, n_actions), dtype=torch.bool, device=device)
+    action_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)
+    log_prob_buf = torch.zeros((T, E, N), device=device)
+    value_buf = torch.zeros((T, E, N), device=device)  # normalised, as the critic predicts them
+    order_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)
+    order_log_prob_buf = torch.zeros((T, E), device=device)
+    reward_buf = torch.zeros((T, E), device=device)
+    done_buf = torch.zeros((T, E), device=device)
+    no_bootstrap = torch.zeros((T, E, N), device=device)  # SMAC: the time limit ends the battle (a loss), no bootstrap
+
+    global_step = 0
+    start_time = time.time()
+    next_obs, next_avail = envs.reset()
+    next_obs, next_avail = torch.as_tensor(next_obs, device=device), torch.as_tensor(next_avail, device=device)
+    episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=int)
+    battles_won, battles_done = 0, 0  # since the last charts/win_rate point
+
+    for iteration in range(1, args.num_iterations + 1):
+        finished_returns, finished_lengths = [], []
+        first_counts = torch.zeros(N, device=device)
+        for step in range(T):
+            global_step += E
+            obs_buf[step], avail_buf[step] = next_obs, next_avail
+            # AGPS + auto-regressive decoding (eq. 8-11): sample an order, act in that order, restore agent order
+            action, log_prob, value, order, order_log_prob = agent.act(next_obs, next_avail)
+            action_buf[step], log_prob_buf[step], value_buf[step] = action, log_prob, value
+            order_buf[step], order_log_prob_buf[step] = order, order_log_prob
+            first_counts += torch.bincount(order[:, 0], minlength=N)
+
+            next_obs_np, next_avail_np, reward, done, won = envs.step(action.cpu().numpy())
+            next_obs, next_avail = torch.as_tensor(next_obs_np, device=device), torch.as_tensor(next_avail_np, device=device)
+            reward_buf[step] = torch.as_tensor(reward, device=device)
+            done_buf[step] = torch.as_tensor(done, device=device)
+
+            episode_return += reward
+            episode_length += 1
+            for e in np.flatnonzero(done):
+                finished_returns.append(episode_return[e])
+                finished_lengths.append(episode_length[e])
+                episode_return[e], episode_length[e] = 0.0, 0
+            battles_won += int(won.sum())
+            battles_done += int(done.sum())
+
+        # GAE on de-normalised values, then the value normaliser sees the new targets
+        with torch.no_grad():
+            next_value = value_norm.denormalize(agent.encoder(next_obs)[1])
+            values = value_norm.denormalize(value_buf)
+            advantages, returns = compute_gae(reward_buf, values, done_buf, no_bootstrap, next_value, args.gamma, args.gae_lambda)
+            value_norm.update(returns)
+
+        # Flatten the batch: one sample = one time step of one env, all agents together
+        b_obs = obs_buf.reshape(-1, N, obs_dim)
+        b_avail = avail_buf.reshape(-1, N, n_actions)
+        b_actions = action_buf.reshape(-1, N)
+        b_log_probs = log_prob_buf.reshape(-1, N)
+        b_orders = order_buf.reshape(-1, N)
+        b_order_log_probs = order_log_prob_buf.reshape(-1)
+        b_values = value_buf.reshape(-1, N)
+        b_targets = value_norm.normalize(returns).reshape(-1, N)
+        b_advantages = advantages.reshape(-1, N)
+        b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-5)
+
+        clipfracs = []
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(args.batch_size, device=device)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb = b_inds[start : start + args.minibatch_size]
+                new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(b_obs[mb], b_actions[mb], b_avail[mb], b_orders[mb])
+                mb_adv = b_advantages[mb]  # (M, N)
+
+                # Policy loss, eq. 5-6: per-agent clipped ratio with the agent's advantage
+                log_ratio = new_log_prob - b_log_probs[mb]
+                ratio = log_ratio.exp()
+                pg_loss = -torch.min(ratio * mb_adv, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * mb_adv).mean()
+
+                # Ranking loss, eq. 15-16: the order's clipped ratio with the advantage averaged over agents
+                if args.order == "pmat":
+                    rank_ratio = (new_order_log_prob - b_order_log_probs[mb]).exp()
+                    rank_adv = mb_adv.mean(1)
+                    rank_loss = -torch.min(rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv).mean()
+                else:
+                    rank_loss = torch.zeros((), device=device)
+
+                # Value loss: clipped, Huber, on normalised targets
+                target, old_value = b_targets[mb], b_values[mb]
+                value_clipped = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
+                v_loss = torch.max(
+                    F.huber_loss(new_value, target, reduction="none", delta=args.huber_delta),
+                    F.huber_loss(value_clipped, target, reduction="none", delta=args.huber_delta),
+                ).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.rank_coef * rank_loss
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                optimizer.step()
+
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+
+        with torch.no_grad():
+            y_true, y_pred = returns.flatten(), values.flatten()
+            var_y = y_true.var()
+            explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
+
+        # Logging
+        sps = int(global_step / (time.time() - start_time))
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/ranking_loss", rank_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("order/neg_log_prob", -order_log_prob_buf.mean().item(), global_step)
+        for i, frac in enumerate((first_counts / (T * E)).tolist()):
+            writer.add_scalar(f"order/agent{i}_first", frac, global_step)
+        if backend == "sc2":
+            writer.add_scalar("charts/sc2_restarts", envs.restarts, global_step)
+        win_rate = None
+        if battles_done:  # battles won over battles finished since the last point
+            win_rate = battles_won / battles_done
+            writer.add_scalar("charts/win_rate", win_rate, global_step)
+            battles_won, battles_done = 0, 0
+        if finished_returns:
+            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
+            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+        if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
+            eval_wins, eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
+            writer.add_scalar("eval/win_rate", np.mean(eval_wins), global_step)
+            writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
+            print(f"  eval: win rate {np.mean(eval_wins):.3f}, return {np.mean(eval_returns):.2f} over {len(eval_wins)} battles")
+        mean_return = f"{np.mean(finished_returns):7.2f}" if finished_returns else "      -"
+        win_text = f"{win_rate:5.3f}" if win_rate is not None else "    -"
+        eta = (args.num_iterations - iteration) * (time.time() - start_time) / iteration
+        print(f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | return {mean_return} | "
+              f"win rate {win_text} | left {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+    if args.save_model:
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+        torch.save({"model": agent.state_dict(), "value_norm": value_norm.state_dict(), "args": vars(args),
+                    "obs_dim": obs_dim, "n_actions": n_actions, "backend": backend}, model_path)
+        print(f"model saved to {model_path}")
+    envs.close()
+    if eval_envs is not None:
+        eval_envs.close()
+    writer.close()
