@@ -1,0 +1,752 @@
+"""PMAT (Prioritized Multi-Agent Transformer) on Google Research Football, in one file.
+
+Hu et al., "PMAT: Optimizing Action Generation Order in Multi-Agent Reinforcement Learning", AAMAS 2025.
+
+PMAT = MAT + AGPS:
+  * MAT: an encoder reads every agent's observation and predicts per-agent values; an auto-regressive decoder
+    then emits the agents' actions one after another, each agent seeing the actions already chosen.
+  * AGPS (Action Generation with Plackett-Luce Sampling): a scoring block rates each agent, a decision order
+    sigma is sampled from the Plackett-Luce distribution over those ratings (eq. 8, 11), the decoder acts in
+    that order, and the order itself is trained with a clipped PPO "ranking" loss (eq. 15-16).
+
+Google Research Football (gfootball): N agents control N players of the left team in an "academy" scenario;
+each picks one of 19 discrete actions, all always available (so, unlike pmat_smac.py, nothing is masked).
+An episode ends on a goal, when the ball goes out of play, when the other team gets the ball, or after 400 steps.
+
+Install gfootball first (it compiles a C++ engine):  bash scripts/install_grf.sh
+Run:  python pmat_grf.py --env-name academy_3_vs_1_with_keeper          (see --help for every flag)
+"""
+import contextlib
+import io
+import os
+import pkgutil
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """if toggled, train on the GPU (falls back to the CPU with a warning when CUDA is missing)"""
+    torch_threads: int = 1
+    """CPU threads for torch (1 is fastest for these small networks and leaves the cores to the envs)"""
+    track: bool = False
+    """if toggled, also log to Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "pmat"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """if toggled, save the model to `{run_dir}/{exp_name}.cleanrl_model` at the end"""
+    run_dir: Optional[str] = None
+    """folder for this run's tensorboard events and checkpoint (default: runs/{run_name})"""
+
+    # Environment
+    env_name: str = "academy_3_vs_1_with_keeper"
+    """the gfootball scenario (any module of gfootball.scenarios; a bad name lists them)"""
+    num_agents: Optional[int] = None
+    """left-team players the agents control (default: the paper's count for its three scenarios, see PAPER_AGENTS)"""
+    representation: Literal["simple115v2", "simple115"] = "simple115v2"
+    """the observation: gfootball's 115-float vector per player (v2: each player keeps its slot, missing ones are -1)"""
+    rewards: Literal["scoring,checkpoints", "scoring"] = "scoring,checkpoints"
+    """scoring = +1/-1 per goal; checkpoints adds +0.1 for each tenth of the way to the goal with the ball"""
+    async_envs: bool = True
+    """step the envs in subprocesses when num_envs > 1 (--no-async-envs: all in this process)"""
+
+    # Algorithm
+    order: Literal["pmat", "mat", "rmat"] = "pmat"
+    """decision order: pmat = learned Plackett-Luce order, mat = fixed agent order, rmat = uniformly random order"""
+    total_timesteps: int = 10_000_000
+    """total env steps of the experiment (one step of one env moves all agents)"""
+    learning_rate: float = 5e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 20
+    """the number of parallel envs"""
+    num_steps: int = 200
+    """steps per env in each rollout"""
+    gamma: float = 0.99
+    """the discount factor"""
+    gae_lambda: float = 0.95
+    """the lambda of generalized advantage estimation"""
+    num_minibatches: int = 1
+    """the number of mini-batches per epoch"""
+    update_epochs: int = 10
+    """the number of PPO epochs per rollout"""
+    clip_coef: float = 0.05
+    """PPO clip range, for the policy, ranking and value losses"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 1.0
+    """coefficient of the value loss"""
+    rank_coef: float = 1e-4
+    """coefficient of the ranking loss (eq. 16)"""
+    max_grad_norm: float = 0.5
+    """the maximum norm of the gradient"""
+    huber_delta: float = 10.0
+    """delta of the Huber value loss"""
+    n_block: int = 1
+    """transformer blocks in the encoder and in the decoder"""
+    n_embd: int = 64
+    """embedding size"""
+    n_head: int = 1
+    """attention heads"""
+
+    # Evaluation
+    eval_interval: int = 25
+    """iterations between deterministic evaluations (0: never)"""
+    eval_episodes: int = 32
+    """episodes per evaluation"""
+
+    # filled in at runtime
+    batch_size: int = 0
+    minibatch_size: int = 0
+    num_iterations: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment: Google Research Football (gfootball, old gym API) as a gymnasium env
+# ---------------------------------------------------------------------------------------------------------------
+GRF_INSTALL = (
+    "install it with `bash scripts/install_grf.sh` (Debian/Ubuntu packages, then pip install --no-build-isolation "
+    "gfootball==2.10.2 gym==0.23.1 and six; the engine compiles for 5-11 minutes; see the README's GRF section)"
+)
+PAPER_AGENTS = {  # the agent counts of the paper's GRF experiments
+    "academy_3_vs_1_with_keeper": 3,
+    "academy_pass_and_shoot_with_keeper": 2,
+    "academy_counterattack_easy": 4,
+}
+GRF_NUM_ACTIONS = 19  # gfootball's default action set: idle, 8 directions, 3 passes, shot, sprint, ... (all available)
+OBS_DIM = 115  # both simple115 representations
+
+
+def import_gfootball():
+    """Import gfootball.env, or exit with the install instructions. gfootball needs the old `gym` package, which
+    prints a notice to upgrade to gymnasium on import: it is silenced, as this pin is deliberate."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gfootball.env as football_env
+    except ImportError as error:
+        sys.exit(f"error: Google Research Football (gfootball) cannot be imported ({error}); {GRF_INSTALL}")
+    return football_env
+
+
+def grf_scenarios():
+    """Names of the scenarios gfootball ships (the modules of gfootball.scenarios)."""
+    import_gfootball()
+    import gfootball.scenarios
+
+    return sorted(m.name for m in pkgutil.iter_modules(gfootball.scenarios.__path__) if not m.ispkg)
+
+
+def check_env_args(env_name, num_agents):
+    """Exit with a clear message on an unknown scenario or a bad --num-agents; returns the number of agents."""
+    scenarios = grf_scenarios()
+    if env_name not in scenarios:
+        sys.exit(f"error: unknown --env-name {env_name!r}. gfootball scenarios: {', '.join(scenarios)}")
+    if num_agents is None:
+        if env_name not in PAPER_AGENTS:
+            sys.exit(f"error: --env-name {env_name} needs --num-agents (it has a default only for the paper's "
+                     f"scenarios: {', '.join(f'{k} ({v})' for k, v in PAPER_AGENTS.items())})")
+        num_agents = PAPER_AGENTS[env_name]
+    from gfootball.env import config
+
+    players = len(config.Config({"level": env_name}).ScenarioConfig().left_team)  # builds the scenario, no engine
+    if not 1 <= num_agents <= players:
+        sys.exit(f"error: --num-agents {num_agents} does not fit {env_name}: its left team has {players} players "
+                 f"(accepted: 1 to {players})")
+    return num_agents
+
+
+class FootballEnv(gym.Env):
+    """One gfootball game as a gymnasium env in which one step moves all N controlled players.
+
+    obs (N, 115) float32; action (N,) ints in [0, 19); reward: the team reward, the sum of the N players' rewards,
+    shared by all agents (MAT's GRF setting; the checkpoint reward goes only to the player who carries the ball);
+    info["score_reward"]: goals scored minus goals conceded at this step (-1, 0 or 1).
+    gfootball signals every episode end with one `done` (goal, ball out, lost ball, time limit); the raw
+    observation's steps_left tells the time limit apart: then the episode is truncated, else terminated.
+    The engine is built at the first reset and rebuilt when reset gets a seed (its random stream cannot be
+    re-seeded in place): gymnasium's vector env builds a throw-away copy only to read the spaces.
+    """
+
+    def __init__(self, env_name, num_agents, representation="simple115v2", rewards="scoring,checkpoints"):
+        self.env_name, self.num_agents = env_name, num_agents
+        self.representation, self.rewards = representation, rewards
+        self.env = None
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (num_agents, OBS_DIM), np.float32)
+        self.action_space = gym.spaces.MultiDiscrete([GRF_NUM_ACTIONS] * num_agents)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if self.env is None or seed is not None:
+            if self.env is not None:
+                self.env.close()
+            self.env = import_gfootball().create_environment(
+                env_name=self.env_name, representation=self.representation, rewards=self.rewards, render=False,
+                number_of_left_players_agent_controls=self.num_agents,
+                other_config_options={"game_engine_random_seed": int(self.np_random.integers(2**31))},
+            )
+        return self._obs(self.env.reset()), {}
+
+    def step(self, action):
+        obs, rewards, done, info = self.env.step(np.asarray(action).tolist())  # rewards (N,), or a float if N = 1
+        time_limit = done and self.env.unwrapped.observation()[0]["steps_left"] <= 0
+        return self._obs(obs), float(np.sum(rewards)), done and not time_limit, time_limit, {"score_reward": float(info["score_reward"])}
+
+    def _obs(self, obs):
+        return np.asarray(obs, dtype=np.float32).reshape(self.num_agents, OBS_DIM)  # N = 1 gives a flat (115,)
+
+    def close(self):
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+
+def make_envs(args, num_envs, async_envs):
+    """Vector env that resets a finished env within the same step (its last obs and info are in info["final_obs"]
+    and info["final_info"])."""
+    env_fn = lambda: FootballEnv(args.env_name, args.num_agents, args.representation, args.rewards)  # noqa: E731
+    vector_env = gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv
+    return vector_env([env_fn] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def step_scores(info, done):
+    """score_reward of every env's last step (E,): for an env that finished, its step's info is in final_info
+    (the info at the top level is already the next episode's reset info)."""
+    score = np.where(info.get("_score_reward", False), info.get("score_reward", 0.0), 0.0)
+    if "final_info" in info:
+        score = np.where(done, info["final_info"].get("score_reward", 0.0), score)
+    return score
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AGPS: Plackett-Luce decision orders
+# ---------------------------------------------------------------------------------------------------------------
+def plackett_luce_log_prob(log_weights, order):
+    """log P(order | z), paper eq. 8/11: sum_k [ z_sigma(k) - logsumexp_{j >= k} z_sigma(j) ].
+
+    log_weights z: (B, N) float; order sigma: (B, N) long, sigma[:, k] = the agent that acts k-th. Returns (B,).
+    """
+    z = log_weights.gather(1, order)  # (B, N), weights in decision order
+    remaining = torch.logcumsumexp(z.flip(1), dim=1).flip(1)  # (B, N), logsumexp over the agents not yet placed
+    return (z - remaining).sum(1)
+
+
+def plackett_luce_sample(log_weights, deterministic=False):
+    """Sample an order from P(sigma | z) -> (order (B, N) long, log P(order) (B,)).
+
+    Gumbel-top-k: sorting z + Gumbel noise gives an exact P-L sample in one step (the same distribution as
+    picking agents one by one with a softmax over those left). deterministic=True sorts by weight, descending.
+    """
+    keys = log_weights if deterministic else log_weights - torch.log(torch.empty_like(log_weights).exponential_())
+    order = torch.argsort(keys, dim=1, descending=True, stable=True)
+    return order, plackett_luce_log_prob(log_weights, order)
+
+
+def gather_agents(x, index):
+    """Reorder x (B, N, ...) along the agent axis: out[b, k] = x[b, index[b, k]]."""
+    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), index]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Network: MAT encoder and decoder, PMAT scoring block
+# ---------------------------------------------------------------------------------------------------------------
+GELU_GAIN = nn.init.calculate_gain("relu")  # sqrt(2), MAT's gain for a layer followed by a GELU
+
+
+def layer_init(layer, gain=0.01):
+    """Orthogonal weights and zero bias (MAT's init: gain sqrt(2) before a GELU, 0.01 elsewhere)."""
+    nn.init.orthogonal_(layer.weight, gain)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class Attention(nn.Module):
+    """Multi-head attention; causal=True lets position k attend to positions <= k only."""
+
+    def __init__(self, n_embd, n_head, causal):
+        super().__init__()
+        self.n_head, self.causal = n_head, causal
+        self.query = layer_init(nn.Linear(n_embd, n_embd))
+        self.key = layer_init(nn.Linear(n_embd, n_embd))
+        self.value = layer_init(nn.Linear(n_embd, n_embd))
+        self.proj = layer_init(nn.Linear(n_embd, n_embd))
+
+    def forward(self, query, key, value):  # (B, L, E) each
+        B, L, E = query.shape
+        q, k, v = (
+            lin(x).view(B, L, self.n_head, E // self.n_head).transpose(1, 2)  # (B, H, L, E/H)
+            for lin, x in ((self.query, query), (self.key, key), (self.value, value))
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, E/H)
+        return self.proj(y.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+
+
+def mlp(n_embd):
+    return nn.Sequential(layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), layer_init(nn.Linear(n_embd, n_embd)))
+
+
+class EncodeBlock(nn.Module):
+    """Post-LN block, no mask: x = LN(x + SelfAttn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.attn = Attention(n_embd, n_head, causal=False)
+        self.mlp = mlp(n_embd)
+        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+
+    def forward(self, x):  # (B, N, E)
+        x = self.ln1(x + self.attn(x, x, x))
+        return self.ln2(x + self.mlp(x))
+
+
+class DecodeBlock(nn.Module):
+    """x = LN(x + CausalSelfAttn(x)); x = LN(rep + CausalAttn(q=rep, k=v=x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.attn1 = Attention(n_embd, n_head, causal=True)
+        self.attn2 = Attention(n_embd, n_head, causal=True)
+        self.mlp = mlp(n_embd)
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+
+    def forward(self, x, rep):  # (B, L, E) action embeddings, (B, L, E) observation encodings, both in decision order
+        x = self.ln1(x + self.attn1(x, x, x))  # actions of the agents before k
+        x = self.ln2(rep + self.attn2(rep, x, x))  # agent k's observation looks at them
+        return self.ln3(x + self.mlp(x))
+
+
+class Encoder(nn.Module):
+    """Observations -> encodings obs_rep (B, N, E) and per-agent values (B, N). No positional encoding: swapping
+    two agents' observations swaps their outputs (permutation-equivariant), so any decision order can be used."""
+
+    def __init__(self, obs_dim, n_embd, n_head, n_block):
+        super().__init__()
+        self.obs_encoder = nn.Sequential(nn.LayerNorm(obs_dim), layer_init(nn.Linear(obs_dim, n_embd), GELU_GAIN), nn.GELU())
+        self.ln = nn.LayerNorm(n_embd)
+        self.blocks = nn.Sequential(*[EncodeBlock(n_embd, n_head) for _ in range(n_block)])
+        self.value_head = nn.Sequential(
+            layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), nn.LayerNorm(n_embd), layer_init(nn.Linear(n_embd, 1))
+        )
+
+    def forward(self, obs):  # (B, N, obs_dim)
+        rep = self.blocks(self.ln(self.obs_encoder(obs)))  # (B, N, E)
+        return rep, self.value_head(rep).squeeze(-1)  # (B, N, E), (B, N)
+
+
+class ScoringBlock(nn.Module):
+    """PMAT's scoring block: a priority score v_i in [1, 10] per agent from its encoding; log-weights z_i = log v_i (eq. 11).
+    The bounded score keeps the order distribution from collapsing; at init all v_i ~ 5.5 (a near-uniform order)."""
+
+    def __init__(self, n_embd, hidden=64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(n_embd),
+            layer_init(nn.Linear(n_embd, hidden), GELU_GAIN), nn.GELU(), nn.LayerNorm(hidden),
+            layer_init(nn.Linear(hidden, hidden), GELU_GAIN), nn.GELU(), nn.LayerNorm(hidden),
+            layer_init(nn.Linear(hidden, 1), 0.01),
+        )
+
+    def forward(self, rep):  # (B, N, E) -> (B, N)
+        score = 9.0 * torch.sigmoid(self.net(rep).squeeze(-1)) + 1.0
+        return torch.log(score)
+
+
+class Decoder(nn.Module):
+    """Discrete actions: input at position k is the one-hot of the action of position k-1, one column wider than the
+    action space, with a start token (column 0) at k = 0; output is agent k's action logits."""
+
+    def __init__(self, n_actions, n_embd, n_head, n_block):
+        super().__init__()
+        self.action_encoder = nn.Sequential(layer_init(nn.Linear(n_actions + 1, n_embd, bias=False), GELU_GAIN), nn.GELU())
+        self.ln = nn.LayerNorm(n_embd)
+        self.blocks = nn.ModuleList([DecodeBlock(n_embd, n_head) for _ in range(n_block)])
+        self.head = nn.Sequential(
+            layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), nn.LayerNorm(n_embd), layer_init(nn.Linear(n_embd, n_actions))
+        )
+
+    def forward(self, prev_action, rep):  # (B, L, A+1) shifted one-hot actions, (B, L, E) encodings, in decision order
+        x = self.ln(self.action_encoder(prev_action))  # (B, L, E)
+        for block in self.blocks:
+            x = block(x, rep)
+        return self.head(x)  # (B, L, A) action logits
+
+
+class PMAT(nn.Module):
+    def __init__(self, obs_dim, n_actions, order="pmat", n_embd=64, n_head=1, n_block=1):
+        super().__init__()
+        self.order_mode, self.n_actions = order, n_actions
+        self.encoder = Encoder(obs_dim, n_embd, n_head, n_block)
+        self.decoder = Decoder(n_actions, n_embd, n_head, n_block)
+        self.scorer = ScoringBlock(n_embd) if order == "pmat" else None  # MAT and rMAT learn no order
+
+    def order_log_weights(self, rep):  # (B, N, E) -> P-L log-weights z (B, N)
+        if self.order_mode == "pmat":
+            return self.scorer(rep)
+        return torch.zeros(rep.shape[:2], device=rep.device)  # rmat: equal weights = a uniformly random order
+
+    def get_order(self, rep, deterministic=False):
+        """Decision order sigma (B, N) and log P(sigma) (B,). Only PMAT's order is deterministic at evaluation."""
+        B, N, _ = rep.shape
+        if self.order_mode == "mat":
+            return torch.arange(N, device=rep.device).expand(B, N), torch.zeros(B, device=rep.device)
+        return plackett_luce_sample(self.order_log_weights(rep), deterministic and self.order_mode == "pmat")
+
+    @torch.no_grad()
+    def act(self, obs, deterministic=False):
+        """Rollout. obs (B, N, obs_dim) -> actions (B, N) long, log-probs (B, N) and values (B, N) in agent order,
+        the order (B, N) and its log-prob (B,)."""
+        rep, value = self.encoder(obs)
+        order, order_log_prob = self.get_order(rep, deterministic)
+        rep = gather_agents(rep, order)  # (B, N, E), reordered: position k holds agent sigma(k)
+        B, N, _ = rep.shape
+        prev_action = torch.zeros(B, N, self.n_actions + 1, device=obs.device)  # decoder input, shifted right
+        prev_action[:, 0, 0] = 1.0  # the start token
+        action = torch.zeros(B, N, dtype=torch.long, device=obs.device)
+        log_prob = torch.zeros(B, N, device=obs.device)
+        for k in range(N):
+            # The causal mask hides positions > k from position k: the decoder on the prefix 0..k gives exactly
+            # the full pass's output at k, without computing the positions that have no input yet.
+            logits = self.decoder(prev_action[:, : k + 1], rep[:, : k + 1])[:, k]  # (B, A)
+            dist = Categorical(logits=logits)
+            action[:, k] = logits.argmax(-1) if deterministic else dist.sample()
+            log_prob[:, k] = dist.log_prob(action[:, k])
+            if k + 1 < N:
+                prev_action[:, k + 1, 1:] = F.one_hot(action[:, k], self.n_actions)  # agent sigma(k+1) sees sigma(k)'s action
+        inverse = torch.argsort(order, dim=1)  # inverse[b, i] = position of agent i in the order
+        return gather_agents(action, inverse), gather_agents(log_prob, inverse), value, order, order_log_prob
+
+    def evaluate(self, obs, action, order):
+        """Training pass: one teacher-forced decoder call over the stored actions, in the STORED order, so each
+        agent's log-prob is conditioned on the same predecessors as in the rollout (paper eq. 6).
+        obs (B, N, obs_dim), action (B, N) long, order (B, N) -> log-probs (B, N), entropy (B, N), values (B, N),
+        log P(order) (B,)."""
+        rep, value = self.encoder(obs)
+        if self.order_mode == "mat":
+            order_log_prob = torch.zeros(obs.shape[0], device=obs.device)
+        else:
+            order_log_prob = plackett_luce_log_prob(self.order_log_weights(rep), order)
+        action_sigma = gather_agents(action, order)  # (B, N) in decision order
+        one_hot = F.one_hot(action_sigma, self.n_actions + 1).roll(1, dims=-1).float()  # action a -> column a + 1
+        start = F.one_hot(torch.zeros_like(action_sigma[:, :1]), self.n_actions + 1).float()  # (B, 1, A+1)
+        prev_action = torch.cat([start, one_hot[:, :-1]], dim=1)  # (B, N, A+1), shifted right
+        logits = self.decoder(prev_action, gather_agents(rep, order))  # (B, N, A) in decision order
+        logits = gather_agents(logits, torch.argsort(order, dim=1))  # back in agent order
+        dist = Categorical(logits=logits)
+        return dist.log_prob(action), dist.entropy(), value, order_log_prob
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Value normalisation and GAE
+# ---------------------------------------------------------------------------------------------------------------
+class ValueNorm(nn.Module):
+    """Running mean and variance of the value targets (debiased EMA); the critic learns normalised targets."""
+
+    def __init__(self, beta=0.99999, eps=1e-5):
+        super().__init__()
+        self.beta, self.eps = beta, eps
+        self.register_buffer("running_mean", torch.zeros(()))
+        self.register_buffer("running_mean_sq", torch.zeros(()))
+        self.register_buffer("debiasing_term", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x):
+        self.running_mean.mul_(self.beta).add_((1 - self.beta) * x.mean())
+        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * (x**2).mean())
+        self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+
+    def mean_std(self):
+        mean = self.running_mean / self.debiasing_term.clamp(min=self.eps)
+        mean_sq = self.running_mean_sq / self.debiasing_term.clamp(min=self.eps)
+        return mean, (mean_sq - mean**2).clamp(min=1e-2).sqrt()
+
+    def normalize(self, x):
+        mean, std = self.mean_std()
+        return (x - mean) / std
+
+    def denormalize(self, x):
+        mean, std = self.mean_std()
+        return x * std + mean
+
+
+def compute_gae(rewards, values, dones, bootstrap, next_value, gamma, gae_lambda):
+    """Generalised advantage estimation per agent, on de-normalised values.
+
+    rewards, dones: (T, E); values, bootstrap: (T, E, N); next_value: (E, N), the value after the last step.
+    dones[t] = 1 if the episode ended at step t (terminated or truncated). bootstrap[t] = V(final obs) if step t
+    was truncated by the time limit, else 0: a truncated episode is cut but its last reward still bootstraps.
+    Returns advantages and returns, (T, E, N).
+    """
+    advantages = torch.zeros_like(values)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        following = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        not_done = (1.0 - dones[t]).unsqueeze(-1)  # (E, 1)
+        delta = rewards[t].unsqueeze(-1) + gamma * (not_done * following + bootstrap[t]) - values[t]
+        last = delta + gamma * gae_lambda * not_done * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation and checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def evaluate_policy(agent, envs, episodes, device):
+    """Deterministic order and deterministic actions; returns the score (goals for minus against) and the return
+    of each of `episodes` episodes. Env e plays a fixed quota of episodes, so that short episodes (an early loss
+    of the ball) do not crowd out long ones in the average."""
+    quota = np.full(envs.num_envs, episodes // envs.num_envs)
+    quota[: episodes % envs.num_envs] += 1
+    obs, _ = envs.reset()
+    score, total, scores, returns = np.zeros(envs.num_envs), np.zeros(envs.num_envs), [], []
+    while quota.any():
+        action = agent.act(torch.as_tensor(obs, device=device), deterministic=True)[0]
+        obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+        done = terminated | truncated
+        score += step_scores(info, done)
+        total += reward
+        for e in np.flatnonzero(done):
+            if quota[e] > 0:
+                scores.append(score[e])
+                returns.append(total[e])
+                quota[e] -= 1
+            score[e], total[e] = 0.0, 0.0
+    return scores, returns
+
+
+def load_agent(path, device="cpu"):
+    """Rebuild a trained agent from a `--save-model` checkpoint -> (agent, the run's args as a dict)."""
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    a = checkpoint["args"]
+    agent = PMAT(checkpoint["obs_dim"], checkpoint["n_actions"], a["order"], a["n_embd"], a["n_head"], a["n_block"])
+    agent.load_state_dict(checkpoint["model"])
+    return agent.to(device).eval(), a
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.num_agents = check_env_args(args.env_name, args.num_agents)
+    args.batch_size = args.num_envs * args.num_steps
+    if args.batch_size % args.num_minibatches != 0:
+        sys.exit(
+            f"error: num_envs * num_steps = {args.batch_size} does not split into --num-minibatches "
+            f"{args.num_minibatches}; choose values where it divides evenly"
+        )
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    if args.num_iterations < 1:
+        sys.exit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout (num_envs * num_steps = {args.batch_size})")
+    run_name = f"{args.env_name}-{args.num_agents}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
+    run_dir = args.run_dir or f"runs/{run_name}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            sys.exit("error: --track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # Seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but CUDA is not available; training on the CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Env setup
+    async_envs = args.async_envs and args.num_envs > 1
+    envs = make_envs(args, args.num_envs, async_envs)
+    N, obs_dim = envs.single_observation_space.shape
+    n_actions = GRF_NUM_ACTIONS
+    eval_envs = None
+    if args.eval_interval > 0:
+        eval_envs = make_envs(args, min(args.num_envs, args.eval_episodes), async_envs)
+        eval_envs.reset(seed=args.seed + 10_000)  # builds and seeds the evaluation games once
+    print(f"{args.env_name}: {N} agents, obs {obs_dim}, actions {n_actions}, rewards {args.rewards}; order={args.order}; "
+          f"{args.num_envs} {'async' if async_envs else 'sync'} envs; logging to {run_dir}", flush=True)
+
+    agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
+    value_norm = ValueNorm().to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
+
+    # Rollout storage, time-major
+    T, E = args.num_steps, args.num_envs
+    obs_buf = torch.zeros((T, E, N, obs_dim), device=device)
+    action_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)
+    log_prob_buf = torch.zeros((T, E, N), device=device)
+    value_buf = torch.zeros((T, E, N), device=device)  # normalised, as the critic predicts them
+    order_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)
+    order_log_prob_buf = torch.zeros((T, E), device=device)
+    reward_buf = torch.zeros((T, E), device=device)
+    done_buf = torch.zeros((T, E), device=device)
+    bootstrap_buf = torch.zeros((T, E, N), device=device)  # V(final obs) where the time limit cut an episode
+
+    global_step = 0
+    start_time = time.time()
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs = torch.as_tensor(next_obs, device=device)
+    episode_return, episode_score, episode_length = np.zeros(E), np.zeros(E), np.zeros(E, dtype=int)
+
+    for iteration in range(1, args.num_iterations + 1):
+        finished_returns, finished_scores, finished_lengths = [], [], []
+        first_counts = torch.zeros(N, device=device)
+        for step in range(T):
+            global_step += E
+            obs_buf[step] = next_obs
+            # AGPS + auto-regressive decoding (eq. 8-11): sample an order, act in that order, restore agent order
+            action, log_prob, value, order, order_log_prob = agent.act(next_obs)
+            action_buf[step], log_prob_buf[step], value_buf[step] = action, log_prob, value
+            order_buf[step], order_log_prob_buf[step] = order, order_log_prob
+            first_counts += torch.bincount(order[:, 0], minlength=N)
+
+            next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+            next_obs = torch.as_tensor(next_obs_np, device=device)
+            reward_buf[step] = torch.as_tensor(reward, device=device)
+            done_buf[step] = torch.as_tensor(terminated | truncated, device=device)
+            cut = truncated & ~terminated
+            if cut.any():  # the time limit ended these episodes: bootstrap from the value of their last obs
+                final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
+                with torch.no_grad():
+                    bootstrap_buf[step, torch.as_tensor(cut, device=device)] = value_norm.denormalize(agent.encoder(final_obs)[1])
+            else:
+                bootstrap_buf[step] = 0.0
+
+            episode_return += reward
+            episode_score += step_scores(info, terminated | truncated)  # goals, from info["score_reward"]
+            episode_length += 1
+            for e in np.flatnonzero(terminated | truncated):
+                finished_returns.append(episode_return[e])
+                finished_scores.append(episode_score[e])
+                finished_lengths.append(episode_length[e])
+                episode_return[e], episode_score[e], episode_length[e] = 0.0, 0.0, 0
+
+        # GAE on de-normalised values, then the value normaliser sees the new targets
+        with torch.no_grad():
+            next_value = value_norm.denormalize(agent.encoder(next_obs)[1])
+            values = value_norm.denormalize(value_buf)
+            advantages, returns = compute_gae(reward_buf, values, done_buf, bootstrap_buf, next_value, args.gamma, args.gae_lambda)
+            value_norm.update(returns)
+
+        # Flatten the batch: one sample = one time step of one env, all agents together
+        b_obs = obs_buf.reshape(-1, N, obs_dim)
+        b_actions = action_buf.reshape(-1, N)
+        b_log_probs = log_prob_buf.reshape(-1, N)
+        b_orders = order_buf.reshape(-1, N)
+        b_order_log_probs = order_log_prob_buf.reshape(-1)
+        b_values = value_buf.reshape(-1, N)
+        b_targets = value_norm.normalize(returns).reshape(-1, N)
+        b_advantages = advantages.reshape(-1, N)
+        b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-5)
+
+        clipfracs = []
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(args.batch_size, device=device)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb = b_inds[start : start + args.minibatch_size]
+                new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(b_obs[mb], b_actions[mb], b_orders[mb])
+                mb_adv = b_advantages[mb]  # (M, N)
+
+                # Policy loss, eq. 5-6: per-agent clipped ratio with the agent's advantage
+                log_ratio = new_log_prob - b_log_probs[mb]
+                ratio = log_ratio.exp()
+                pg_loss = -torch.min(ratio * mb_adv, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * mb_adv).mean()
+
+                # Ranking loss, eq. 15-16: the order's clipped ratio with the advantage averaged over agents
+                if args.order == "pmat":
+                    rank_ratio = (new_order_log_prob - b_order_log_probs[mb]).exp()
+                    rank_adv = mb_adv.mean(1)
+                    rank_loss = -torch.min(rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv).mean()
+                else:
+                    rank_loss = torch.zeros((), device=device)
+
+                # Value loss: clipped, Huber, on normalised targets
+                target, old_value = b_targets[mb], b_values[mb]
+                value_clipped = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
+                v_loss = torch.max(
+                    F.huber_loss(new_value, target, reduction="none", delta=args.huber_delta),
+                    F.huber_loss(value_clipped, target, reduction="none", delta=args.huber_delta),
+                ).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.rank_coef * rank_loss
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                optimizer.step()
+
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+
+        with torch.no_grad():
+            y_true, y_pred = returns.flatten(), values.flatten()
+            var_y = y_true.var()
+            explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
+
+        # Logging
+        sps = int(global_step / (time.time() - start_time))
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/ranking_loss", rank_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("order/neg_log_prob", -order_log_prob_buf.mean().item(), global_step)
+        for i, frac in enumerate((first_counts / (T * E)).tolist()):
+            writer.add_scalar(f"order/agent{i}_first", frac, global_step)
+        if finished_returns:
+            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
+            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+            writer.add_scalar("charts/episode_score", np.mean(finished_scores), global_step)  # goals per episode
+            writer.add_scalar("charts/win_rate", np.mean(np.array(finished_scores) > 0), global_step)  # episodes with a goal
+        if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
+            eval_scores, eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
+            writer.add_scalar("eval/episode_score", np.mean(eval_scores), global_step)
+            writer.add_scalar("eval/win_rate", np.mean(np.array(eval_scores) > 0), global_step)
+            writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
+            print(f"  eval: score {np.mean(eval_scores):.3f}, win rate {np.mean(np.array(eval_scores) > 0):.3f}, "
+                  f"return {np.mean(eval_returns):.2f} over {len(eval_scores)} episodes", flush=True)
+        if finished_returns:
+            stats = (f"return {np.mean(finished_returns):6.2f} | score {np.mean(finished_scores):5.3f} | "
+                     f"win rate {np.mean(np.array(finished_scores) > 0):5.3f} | {len(finished_scores)} episodes")
+        else:
+            stats = "no episode finished"
+        eta = (args.num_iterations - iteration) * (time.time() - start_time) / iteration
+        print(f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | {stats} | "
+              f"left {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+    if args.save_model:
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+        torch.save({"model": agent.state_dict(), "value_norm": value_norm.state_dict(), "args": vars(args),
+                    "obs_dim": obs_dim, "n_actions": n_actions}, model_path)
+        print(f"model saved to {model_path}")
+    envs.close()
+    if eval_envs is not None:
+        eval_envs.close()
+    writer.close()
