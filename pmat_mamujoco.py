@@ -11,6 +11,7 @@ PMAT = MAT + AGPS:
 
 Run:  python pmat_mamujoco.py --scenario Ant --agent-conf 4x2        (see --help for every flag)
 """
+import math
 import os
 import random
 import sys
@@ -24,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.distributions import Normal
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -248,16 +248,14 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.causal = n_head, causal
         self.query = layer_init(nn.Linear(n_embd, n_embd))
-        self.key = layer_init(nn.Linear(n_embd, n_embd))
-        self.value = layer_init(nn.Linear(n_embd, n_embd))
+        self.key_value = layer_init(nn.Linear(n_embd, 2 * n_embd))  # keys and values in one matmul
         self.proj = layer_init(nn.Linear(n_embd, n_embd))
 
-    def forward(self, query, key, value):  # (B, L, E) each
+    def forward(self, query, key_value):  # (B, L, E) the attending positions, (B, L, E) the attended ones
         B, L, E = query.shape
-        q, k, v = (
-            lin(x).view(B, L, self.n_head, E // self.n_head).transpose(1, 2)  # (B, H, L, E/H)
-            for lin, x in ((self.query, query), (self.key, key), (self.value, value))
-        )
+        H = self.n_head
+        q = self.query(query).view(B, L, H, E // H).transpose(1, 2)  # (B, H, L, E/H)
+        k, v = self.key_value(key_value).view(B, L, 2, H, E // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, E/H)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, E/H)
         return self.proj(y.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
 
@@ -276,7 +274,7 @@ class EncodeBlock(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
 
     def forward(self, x):  # (B, N, E)
-        x = self.ln1(x + self.attn(x, x, x))
+        x = self.ln1(x + self.attn(x, x))
         return self.ln2(x + self.mlp(x))
 
 
@@ -291,8 +289,8 @@ class DecodeBlock(nn.Module):
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
 
     def forward(self, x, rep):  # (B, L, E) action embeddings, (B, L, E) observation encodings, both in decision order
-        x = self.ln1(x + self.attn1(x, x, x))  # actions of the agents before k
-        x = self.ln2(rep + self.attn2(rep, x, x))  # agent k's observation looks at them
+        x = self.ln1(x + self.attn1(x, x))  # actions of the agents before k
+        x = self.ln2(rep + self.attn2(rep, x))  # agent k's observation looks at them
         return self.ln3(x + self.mlp(x))
 
 
@@ -356,6 +354,16 @@ class Decoder(nn.Module):
         return 0.5 * torch.sigmoid(self.log_std)  # (A,)
 
 
+def gaussian_log_prob(action, mean, std):
+    """log N(action | mean, std^2) summed over action dimensions: (..., A) -> (...)."""
+    return (-0.5 * ((action - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def gaussian_entropy(std):
+    """Entropy of a diagonal Gaussian, summed over action dimensions (it does not depend on the mean)."""
+    return (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(std)).sum(-1)
+
+
 class PMAT(nn.Module):
     def __init__(self, obs_dim, act_dim, order="pmat", n_embd=64, n_head=1, n_block=1):
         super().__init__()
@@ -395,7 +403,7 @@ class PMAT(nn.Module):
             action[:, k] = mean[:, k] if deterministic else mean[:, k] + std * torch.randn_like(mean[:, k])
             if k + 1 < N:
                 prev_action[:, k + 1] = action[:, k]  # agent sigma(k+1) sees the action of agent sigma(k)
-        log_prob = Normal(mean, std).log_prob(action).sum(-1)  # (B, N)
+        log_prob = gaussian_log_prob(action, mean, std)  # (B, N)
         inverse = torch.argsort(order, dim=1)  # inverse[b, i] = position of agent i in the order
         return gather_agents(action, inverse), gather_agents(log_prob, inverse), value, order, order_log_prob
 
@@ -411,9 +419,10 @@ class PMAT(nn.Module):
             order_log_prob = plackett_luce_log_prob(self.order_log_weights(rep), order)
         action_sigma = gather_agents(action, order)  # (B, N, A) in decision order
         prev_action = torch.cat([torch.zeros_like(action_sigma[:, :1]), action_sigma[:, :-1]], dim=1)
-        mean = gather_agents(self.decoder(prev_action, gather_agents(rep, order)), torch.argsort(order, dim=1))
-        dist = Normal(mean, self.decoder.std())  # (B, N, A), back in agent order
-        return dist.log_prob(action).sum(-1), dist.entropy().sum(-1), value, order_log_prob
+        mean = gather_agents(self.decoder(prev_action, gather_agents(rep, order)), torch.argsort(order, dim=1))  # (B, N, A), agent order
+        std = self.decoder.std()
+        entropy = gaussian_entropy(std).expand(mean.shape[:2])  # (B, N)
+        return gaussian_log_prob(action, mean, std), entropy, value, order_log_prob
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -539,7 +548,7 @@ if __name__ == "__main__":
 
     agent = PMAT(obs_dim, act_dim, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     value_norm = ValueNorm().to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
     # Rollout storage, time-major
     T, E, N = args.num_steps, args.num_envs, n_agents
