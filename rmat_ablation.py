@@ -225,7 +225,8 @@ def plot(tag: str, runs: dict, title: str, path: Path):
             grid = np.linspace(max(s[0] for s, _ in curves), min(s[-1] for s, _ in curves), 200)
         ys = np.stack([np.interp(grid, s, v) for s, v in curves])
         mean, std = ys.mean(0), ys.std(0)
-        ax.plot(grid, mean, color=COLORS[variant], label=f"{variant} ({len(curves)} seeds)")
+        ax.plot(grid, mean, color=COLORS[variant], marker="o" if len(grid) < 30 else None, markersize=3,
+                label=f"{variant} ({len(curves)} seeds)")
         ax.fill_between(grid, mean - std, mean + std, color=COLORS[variant], alpha=0.2)
     ax.set(title=title, xlabel="env steps", ylabel=tag)
     ax.grid(alpha=0.3)

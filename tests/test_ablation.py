@@ -2,6 +2,7 @@
 
 import json
 import re
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -149,3 +150,34 @@ def test_bad_arguments_give_clear_errors(tmp_path):
     (tmp_path / "b" / "ablation.json").write_text(json.dumps({"script": "pmat_mamujoco.py", "extra": ["--x", "1"]}))
     with pytest.raises(SystemExit, match=r"holds an ablation of pmat_mamujoco.py with flags \['--x', '1'\]"):
         rmat_ablation.main(["--script", str(script), "--out-dir", str(tmp_path / "b"), "--", "--x", "2"])
+
+
+def test_real_tiny_ablation_on_mamujoco(tmp_path):
+    """The real benchmark, end to end through the CLI: Ant 2x4, 3 variants x 2 seeds, 200 env steps each with
+    an evaluation every iteration, 2 runs at a time; gives the PNG, the table, and a finished folder per run."""
+    if not (ROOT / "pmat_mamujoco.py").exists():
+        pytest.skip("pmat_mamujoco.py is not in the repository")
+    out = tmp_path / "abl"
+    cmd = [sys.executable, str(ROOT / "rmat_ablation.py"), "--script", str(ROOT / "pmat_mamujoco.py"),
+           "--seeds", "2", "--jobs", "2", "--out-dir", str(out), "--",
+           "--scenario", "Ant", "--agent-conf", "2x4", "--total-timesteps", "200", "--num-envs", "2",
+           "--num-steps", "50", "--num-minibatches", "1", "--update-epochs", "1", "--eval-interval", "1",
+           "--eval-episodes", "1", "--no-async-envs"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MA-MuJoCo Ant 2x4" in proc.stdout and "eval/episodic_return" in proc.stdout
+
+    rows = table_rows((out / "ablation.md").read_text())
+    assert list(rows) == ["pmat", "mat", "rmat"]
+    for variant, numbers in rows.items():
+        assert numbers[0] == 2 and np.all(np.isfinite(numbers)), (variant, numbers)
+        for seed in (1, 2):
+            run_dir = out / f"{variant}_seed{seed}"
+            assert (run_dir / "DONE").exists()
+            assert f"--order {variant} --seed {seed} --run-dir {run_dir}" in (run_dir / "log.txt").read_text()
+            curves = rmat_ablation.read_scalars(run_dir)
+            assert curves["eval/episodic_return"][0].tolist() == [100, 200]
+            if variant == "mat" and "order/agent0_first" in curves:  # fixed order: agent 0 always decides first
+                assert np.all(curves["order/agent0_first"][1] == 1.0)
+    png = out / "ablation_pmat_mamujoco.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
