@@ -1,0 +1,189 @@
+"""How close does PMAT training run to the environment's own speed? One process, one run, one torch thread.
+
+    python benchmarks/throughput.py --benchmark mamujoco --config Ant-4x2 --num-envs 8
+    python benchmarks/throughput.py --benchmark mamujoco --config Ant-8x1 --num-envs 8
+    python benchmarks/throughput.py --benchmark smac --config 10m_vs_11m --num-envs 8
+    python benchmarks/throughput.py --benchmark grf --config academy_3_vs_1_with_keeper --num-envs 4
+
+Prints one table:
+  * env-only steps/s: random actions through the same vector-env set-up as training (the ceiling),
+  * rollout steps/s (policy + env) for --order pmat and --order mat, and their ratios,
+  * decoder time per rollout step for N = 5 and N = 10 agents (synthetic observations),
+  * a short real training run of the script with its reference hyper-parameters (except --num-envs): time per
+    PPO update, end-to-end SPS and peak memory (RSS of this process and of the env subprocesses).
+"""
+import importlib
+import os
+import resource
+import runpy
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@dataclass
+class Args:
+    benchmark: Literal["mamujoco", "smac", "grf"] = "mamujoco"
+    """which script: pmat_mamujoco.py, pmat_smac.py (SMAX backend) or pmat_grf.py"""
+    config: str = "Ant-4x2"
+    """mamujoco: SCENARIO-SPLIT (Ant-4x2, Ant-8x1, HalfCheetah-6x1); smac: a SMAX map; grf: a scenario"""
+    num_envs: int = 8
+    """parallel envs, for every measurement"""
+    steps: int = 300
+    """vector-env steps per speed measurement"""
+    train_iterations: int = 3
+    """training iterations (rollout + update) for the end-to-end measurement (0: skip)"""
+    seed: int = 1
+    """seed"""
+
+
+def config_flags(args):
+    """The script's flags that select the environment."""
+    if args.benchmark == "mamujoco":
+        scenario, split = args.config.split("-")
+        return ["--scenario", scenario, "--agent-conf", split]
+    return ["--map", args.config] if args.benchmark == "smac" else ["--env-name", args.config]
+
+
+class Runner:
+    """The same envs the script trains on, driven by random actions or by the script's own PMAT policy."""
+
+    def __init__(self, module, args):
+        self.m, self.bench = module, args.benchmark
+        flags = config_flags(args) + ["--num-envs", str(args.num_envs)]
+        self.script_args = tyro.cli(module.Args, args=flags)
+        if self.bench == "mamujoco":
+            module.check_env_args(self.script_args.scenario, self.script_args.agent_conf)
+            self.envs = module.make_envs(self.script_args, args.num_envs, async_envs=args.num_envs > 1)
+            self.obs, _ = self.envs.reset(seed=args.seed)
+            self.n_agents, self.obs_dim = self.envs.single_observation_space.shape
+            self.act_dim = self.envs.single_action_space.shape[1]
+        elif self.bench == "smac":
+            module.setup_jax(self.script_args.jax_cache_dir)
+            self.envs = module.make_envs(self.script_args, "smax", args.num_envs, args.seed)
+            self.obs, self.avail = self.envs.reset()
+            self.n_agents, self.obs_dim, self.act_dim = self.envs.n_agents, self.envs.obs_dim, self.envs.n_actions
+        else:
+            self.envs = module.make_envs(self.script_args, args.num_envs, async_envs=args.num_envs > 1)
+            self.obs, _ = self.envs.reset(seed=args.seed)
+            self.n_agents, self.obs_dim = self.envs.single_observation_space.shape[-2:]
+            self.act_dim = int(self.envs.single_action_space.nvec[0])
+        self.rng = np.random.default_rng(args.seed)
+
+    def random_action(self):
+        E, N = self.obs.shape[:2]
+        if self.bench == "mamujoco":
+            return self.rng.uniform(-1, 1, (E, N, self.act_dim)).astype(np.float32)
+        if self.bench == "smac":  # a uniformly random available action per agent
+            scores = self.rng.random(self.avail.shape) * self.avail
+            return scores.argmax(-1)
+        return self.rng.integers(0, self.act_dim, (E, N))
+
+    def policy_action(self, agent):
+        obs = torch.as_tensor(self.obs)
+        if self.bench == "smac":
+            return agent.act(obs, torch.as_tensor(self.avail, dtype=torch.bool))[0].numpy()
+        return agent.act(obs)[0].numpy()
+
+    def step(self, action):
+        if self.bench == "smac":
+            self.obs, self.avail, *_ = self.envs.step(action)
+        else:
+            self.obs, *_ = self.envs.step(action)
+
+    def steps_per_second(self, choose_action, steps):
+        for _ in range(10):  # warm-up (JIT, page faults)
+            self.step(choose_action())
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step(choose_action())
+        return steps * self.obs.shape[0] / (time.perf_counter() - start)
+
+
+def decoder_ms_per_step(module, bench, n_agents, num_envs, obs_dim, act_dim, order="pmat", repeats=200):
+    """Milliseconds per agent.act call (encoder + order + N decoder passes) on synthetic inputs."""
+    agent = module.PMAT(obs_dim, act_dim, order)
+    obs = torch.randn(num_envs, n_agents, obs_dim)
+    avail = torch.ones(num_envs, n_agents, act_dim, dtype=torch.bool)
+    call = (lambda: agent.act(obs, avail)) if bench == "smac" else (lambda: agent.act(obs))
+    for _ in range(20):
+        call()
+    best = float("inf")
+    for _ in range(3):  # best of three blocks: least disturbed by other processes
+        start = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        best = min(best, (time.perf_counter() - start) / repeats * 1e3)
+    return best
+
+
+def train_run(script, args):
+    """Run the script's own training loop in this process; read its per-iteration timings from tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tempfile.mkdtemp(prefix="throughput_")
+    probe = importlib.import_module(script[:-3]).Args()
+    batch = args.num_envs * probe.num_steps
+    minibatches = probe.num_minibatches if batch % probe.num_minibatches == 0 else 1
+    sys.argv = [script, *config_flags(args), "--num-envs", str(args.num_envs), "--num-minibatches", str(minibatches),
+                "--total-timesteps", str(args.train_iterations * batch), "--eval-interval", "0", "--run-dir", run_dir,
+                "--seed", str(args.seed)]
+    print("training:", " ".join(sys.argv))
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    last = lambda tag: acc.Scalars(tag)[-1].value  # noqa: E731
+    return {"update_s": np.mean([e.value for e in acc.Scalars("perf/update_seconds")][1:] or [last("perf/update_seconds")]),
+            "rollout_s": np.mean([e.value for e in acc.Scalars("perf/rollout_seconds")][1:] or [last("perf/rollout_seconds")]),
+            "sps": last("charts/SPS"), "batch": batch, "minibatches": minibatches, "epochs": probe.update_epochs}
+
+
+def main():
+    args = tyro.cli(Args)
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    script = {"mamujoco": "pmat_mamujoco.py", "smac": "pmat_smac.py", "grf": "pmat_grf.py"}[args.benchmark]
+    module = importlib.import_module(script[:-3])
+    runner = Runner(module, args)
+    rows = [("env-only steps/s (random actions)", runner.steps_per_second(runner.random_action, args.steps))]
+    rollout = {}
+    for order in ("pmat", "mat"):
+        torch.manual_seed(args.seed)
+        agent = module.PMAT(runner.obs_dim, runner.act_dim, order)
+        rollout[order] = runner.steps_per_second(lambda: runner.policy_action(agent), args.steps)
+        rows.append((f"rollout steps/s, --order {order}", rollout[order]))
+    runner.envs.close()
+    rows.append(("rollout / env-only (pmat)", rollout["pmat"] / rows[0][1]))
+    rows.append(("rollout pmat / mat", rollout["pmat"] / rollout["mat"]))
+    dec5 = decoder_ms_per_step(module, args.benchmark, 5, args.num_envs, runner.obs_dim, runner.act_dim)
+    dec10 = decoder_ms_per_step(module, args.benchmark, 10, args.num_envs, runner.obs_dim, runner.act_dim)
+    rows += [("policy ms per step, N=5 (synthetic)", dec5), ("policy ms per step, N=10 (synthetic)", dec10),
+             ("N=10 / N=5", dec10 / dec5)]
+    if args.train_iterations > 0:
+        train = train_run(script, args)
+        per_minibatch = train["update_s"] / (train["epochs"] * train["minibatches"]) * 1e3
+        rows += [(f"PPO update s per iteration ({train['epochs']} epochs x {train['minibatches']} mini-batches)", train["update_s"]),
+                 ("  ms per mini-batch step", per_minibatch),
+                 (f"rollout s per iteration ({train['batch']} env steps)", train["rollout_s"]),
+                 ("training SPS (end to end, iterations 2+)", train["batch"] / (train["update_s"] + train["rollout_s"])),
+                 ("training SPS (script's charts/SPS, incl. start-up)", train["sps"])]
+    rows.append(("peak RSS, this process (MiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    rows.append(("peak RSS, largest env subprocess (MiB)", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))
+
+    title = f"{script} {args.config}, {args.num_envs} envs, torch threads 1"
+    print(f"\n| {title} | |\n|---|---:|")
+    for name, value in rows:
+        print(f"| {name} | {value:,.2f} |" if value < 100 else f"| {name} | {value:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
