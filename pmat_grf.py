@@ -190,7 +190,7 @@ class FootballEnv(gym.Env):
     def __init__(self, env_name, num_agents, representation="simple115v2", rewards="scoring,checkpoints"):
         self.env_name, self.num_agents = env_name, num_agents
         self.representation, self.rewards = representation, rewards
-        self.env = None
+        self.env, self.engine_seed = None, None
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (num_agents, OBS_DIM), np.float32)
         self.action_space = gym.spaces.MultiDiscrete([GRF_NUM_ACTIONS] * num_agents)
 
@@ -199,10 +199,11 @@ class FootballEnv(gym.Env):
         if self.env is None or seed is not None:
             if self.env is not None:
                 self.env.close()
+            self.engine_seed = int(self.np_random.integers(2**31))  # drawn from reset's seed: reproducible games
             self.env = import_gfootball().create_environment(
                 env_name=self.env_name, representation=self.representation, rewards=self.rewards, render=False,
                 number_of_left_players_agent_controls=self.num_agents,
-                other_config_options={"game_engine_random_seed": int(self.np_random.integers(2**31))},
+                other_config_options={"game_engine_random_seed": self.engine_seed},
             )
         return self._obs(self.env.reset()), {}
 

@@ -1,0 +1,275 @@
+"""PMAT core (discrete actions, nothing masked) and the Google Research Football script, on the real gfootball engine.
+
+The engine tests need gfootball (`bash scripts/install_grf.sh`). Without it they are skipped with that
+instruction, except under CI (CI=true), where a missing gfootball is a failure: CI must test the real engine.
+"""
+import contextlib
+import glob
+import io
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import pmat_grf as pg
+from conftest import ROOT, read_scalars, run_script
+
+ORDERS = ["pmat", "mat", "rmat"]
+
+
+def gfootball_problem():
+    """None if gfootball imports (engine included), else why not."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # old gym's upgrade notice
+            import gfootball.env  # noqa: F401
+            import gfootball_engine  # noqa: F401
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+GRF_PROBLEM = gfootball_problem()
+
+
+@pytest.fixture
+def grf():
+    """Use in every test that needs the real engine."""
+    if GRF_PROBLEM is None:
+        return
+    message = f"gfootball is not importable ({GRF_PROBLEM}); install it with `bash scripts/install_grf.sh`"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {message} (.ci/run is expected to do that)")
+    pytest.skip(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The copied PMAT core, discrete actions without masks (no engine needed)
+# ---------------------------------------------------------------------------------------------------------------
+def perturbed_agent(order, obs_dim=9, n_actions=19, seed=0):
+    """A PMAT whose weights are moved away from the near-zero init, so every input really changes the outputs."""
+    torch.manual_seed(seed)
+    agent = pg.PMAT(obs_dim, n_actions, order, n_embd=16, n_head=2, n_block=2)
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return agent
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("n_agents", [3, 4])
+def test_rollout_log_probs_equal_training_pass(order, n_agents):
+    """For unchanged parameters the teacher-forced pass in the stored order reproduces the rollout's log-probs
+    (the first PPO ratio is exactly 1), for the actions and for the order."""
+    agent = perturbed_agent(order)
+    obs = torch.randn(64, n_agents, 9)
+    action, log_prob, value, sigma, order_log_prob = agent.act(obs)
+    assert action.shape == (64, n_agents) and action.dtype == torch.long
+    assert int(action.min()) >= 0 and int(action.max()) < 19
+    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(obs, action, sigma)
+    assert (new_log_prob - log_prob).abs().max() < 1e-5
+    assert (new_order_log_prob - order_log_prob).abs().max() < 1e-5
+    torch.testing.assert_close(new_value, value)
+    assert (entropy > 0).all() and (entropy <= math.log(19) + 1e-5).all()
+    if order == "pmat":  # sensitive: re-evaluating in agent index order (the reference code) gives other log-probs
+        identity = torch.arange(n_agents).expand(64, n_agents)
+        assert (agent.evaluate(obs, action, identity)[0] - log_prob).abs().max() > 1e-3
+    if order == "rmat":  # a uniformly random order: log P = -log N!
+        torch.testing.assert_close(order_log_prob, torch.full((64,), -float(math.lgamma(n_agents + 1))))
+    if order == "mat":
+        assert torch.equal(sigma, torch.arange(n_agents).expand(64, n_agents))
+
+
+def test_deterministic_actions_follow_their_agents():
+    """With the deterministic PMAT order, permuting the agents' observations permutes their actions the same way."""
+    agent = perturbed_agent("pmat")
+    torch.manual_seed(3)
+    obs = torch.randn(16, 4, 9)
+    action = agent.act(obs, deterministic=True)[0]
+    perm = torch.tensor([2, 0, 3, 1])
+    assert torch.equal(agent.act(obs[:, perm], deterministic=True)[0], action[:, perm])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gymnasium wrapper on the real engine
+# ---------------------------------------------------------------------------------------------------------------
+def raw_env(name, n_agents, engine_seed, rewards="scoring,checkpoints"):
+    """gfootball itself (old gym API), for comparisons with the wrapper."""
+    return pg.import_gfootball().create_environment(
+        env_name=name, representation="simple115v2", rewards=rewards, render=False,
+        number_of_left_players_agent_controls=n_agents, other_config_options={"game_engine_random_seed": engine_seed})
+
+
+@pytest.mark.parametrize("name, n_agents", [*pg.PAPER_AGENTS.items(), ("academy_empty_goal_close", 1)])
+def test_wrapper_shapes(grf, name, n_agents):
+    env = pg.FootballEnv(name, n_agents)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (n_agents, 115) and obs.dtype == np.float32 and obs in env.observation_space
+    assert env.action_space.shape == (n_agents,) and (env.action_space.nvec == 19).all()
+    for _ in range(10):
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert obs.shape == (n_agents, 115) and obs.dtype == np.float32
+        assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
+        assert set(info) == {"score_reward"} and info["score_reward"] in (-1.0, 0.0, 1.0)
+        if terminated or truncated:
+            env.reset()
+    env.close()
+
+
+def test_shared_reward_is_the_sum_of_the_players_rewards(grf):
+    """Step the wrapper and gfootball itself with the same engine seed and actions: same observations, same ends,
+    and the wrapper's one team reward is the sum of the players' rewards (which differ: checkpoint rewards go to
+    the ball carrier only)."""
+    env = pg.FootballEnv("academy_3_vs_1_with_keeper", 3)
+    obs, _ = env.reset(seed=7)
+    raw = raw_env("academy_3_vs_1_with_keeper", 3, env.engine_seed)
+    np.testing.assert_array_equal(obs, raw.reset())
+    rng = np.random.default_rng(0)
+    episodes, uneven = 0, 0
+    while episodes < 4:
+        action = rng.integers(19, size=3)
+        obs, reward, terminated, truncated, info = env.step(action)
+        raw_obs, raw_rewards, raw_done, raw_info = raw.step(action.tolist())
+        np.testing.assert_array_equal(obs, raw_obs)
+        assert raw_rewards.shape == (3,)
+        assert reward == pytest.approx(float(raw_rewards.sum()))
+        assert info["score_reward"] == raw_info["score_reward"]
+        assert (terminated or truncated) == raw_done
+        uneven += int(np.ptp(raw_rewards) > 0)
+        if raw_done:
+            episodes += 1
+            np.testing.assert_array_equal(env.reset()[0], raw.reset())
+    assert uneven > 0  # the sum really differs from one player's reward
+    raw.close()
+    env.close()
+
+
+def test_goal_is_terminated_and_score_reward_adds_up_to_the_score(grf):
+    """academy_empty_goal_close: shooting at once scores. The episode terminates on the goal, the summed
+    score_reward equals the engine's own scoreboard, and the reward includes the goal and the checkpoints."""
+    env = pg.FootballEnv("academy_empty_goal_close", 1)
+    env.reset(seed=0)
+    for _ in range(3):
+        score, total, steps, done = 0.0, 0.0, 0, False
+        while not done:
+            _, reward, terminated, truncated, info = env.step(np.array([12]))  # 12 = shot
+            score, total, steps, done = score + info["score_reward"], total + reward, steps + 1, terminated or truncated
+            assert steps < 100
+        left, right = env.env.unwrapped.observation()[0]["score"]
+        assert terminated and not truncated
+        assert score == left - right == 1
+        assert total == pytest.approx(2.0)  # +1 goal, +1 = the 10 checkpoints not collected before the shot
+        env.reset()
+    env.close()
+
+
+def test_time_limit_is_truncation(grf):
+    """academy_run_to_score, standing still: an episode ends either when a defender takes the ball (terminated) or at
+    the 400-step limit (truncated, with steps_left = 0), never both; the limit is reached in some of them."""
+    env = pg.FootballEnv("academy_run_to_score", 1, rewards="scoring")
+    env.reset(seed=1)
+    ends = []
+    for _ in range(4):
+        for steps in range(1, 500):
+            _, reward, terminated, truncated, info = env.step(np.array([0]))  # 0 = idle
+            if terminated or truncated:
+                break
+        steps_left = env.env.unwrapped.observation()[0]["steps_left"]
+        ends.append((steps, terminated, truncated))
+        assert terminated != truncated and truncated == (steps_left == 0), ends
+        assert info["score_reward"] == 0.0
+        env.reset()
+    assert any(truncated and steps > 399 for steps, _, truncated in ends), ends
+    env.close()
+
+
+def test_vector_env_score_of_the_final_step(grf):
+    """In the subprocess vector env the goal step's info arrives in final_info (the env is reset at once):
+    step_scores must find it there, or a finished episode would count 0 goals."""
+    args = SimpleNamespace(env_name="academy_empty_goal_close", num_agents=1, representation="simple115v2", rewards="scoring")
+    envs = pg.make_envs(args, 2, async_envs=True)
+    obs, _ = envs.reset(seed=0)
+    assert obs.shape == (2, 1, 115)
+    score, finished = np.zeros(2), []
+    for _ in range(100):
+        _, reward, terminated, truncated, info = envs.step(np.array([[12], [12]]))
+        done = terminated | truncated
+        score += pg.step_scores(info, done)
+        for e in np.flatnonzero(done):
+            assert info["final_info"]["score_reward"][e] == 1.0 and info["score_reward"][e] == 0.0
+            finished.append(score[e])
+            score[e] = 0.0
+        if len(finished) >= 4:
+            break
+    envs.close()
+    assert finished[:4] == [1.0] * 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The script
+# ---------------------------------------------------------------------------------------------------------------
+TINY = ["--num-envs", "2", "--num-steps", "64", "--total-timesteps", "256", "--update-epochs", "2",
+        "--eval-interval", "2", "--eval-episodes", "2"]
+GRF_TAGS = ["charts/episode_score", "charts/win_rate", "eval/episode_score", "eval/win_rate", "charts/episodic_return",
+            "charts/SPS", "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/ranking_loss",
+            "losses/approx_kl", "order/neg_log_prob", "order/agent0_first", "order/agent1_first", "order/agent2_first"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_script_runs_and_logs(grf, order, tmp_path):
+    run_dir = str(tmp_path / order)
+    flags = TINY + ["--order", order, "--run-dir", run_dir] + (["--save-model"] if order == "pmat" else [])
+    result = run_script("pmat_grf.py", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "academy_3_vs_1_with_keeper: 3 agents" in result.stdout
+    assert "iter 1/2" in result.stdout and "iter 2/2" in result.stdout and "eval: score" in result.stdout
+    scalars = read_scalars(run_dir)
+    for tag in GRF_TAGS:
+        assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
+    assert [s for s, _ in scalars["charts/SPS"]] == [128, 256]  # x axis = env steps
+    for tag in ("charts/episode_score", "eval/episode_score"):
+        assert all(-1 <= v <= 1 for _, v in scalars[tag])
+    for tag in ("charts/win_rate", "eval/win_rate"):
+        assert all(0 <= v <= 1 for _, v in scalars[tag])
+    first = [scalars[f"order/agent{i}_first"][0][1] for i in range(3)]
+    assert sum(first) == pytest.approx(1.0)
+    if order == "mat":
+        assert first[0] == 1.0  # the fixed order always starts with agent 0
+    if order == "pmat":  # the checkpoint loads and plays
+        agent, saved_args = pg.load_agent(glob.glob(os.path.join(run_dir, "*.cleanrl_model"))[0])
+        assert saved_args["order"] == "pmat" and saved_args["num_agents"] == 3
+        action = agent.act(torch.zeros(1, 3, 115), deterministic=True)[0]
+        assert action.shape == (1, 3)
+
+
+@pytest.mark.parametrize("flags, bad, accepted", [
+    (["--env-name", "academy_4_vs_0"], "'academy_4_vs_0'", "academy_3_vs_1_with_keeper, academy_corner"),
+    (["--env-name", "academy_corner"], "needs --num-agents", "academy_counterattack_easy (4)"),
+    (["--env-name", "academy_empty_goal_close", "--num-agents", "3"], "--num-agents 3", "accepted: 1 to 2"),
+])
+def test_bad_env_input_gives_a_clear_message(grf, flags, bad, accepted):
+    result = run_script("pmat_grf.py", *flags, "--total-timesteps", "1")
+    assert result.returncode != 0
+    assert bad in result.stderr and accepted in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_flag_value_names_the_choices():
+    result = run_script("pmat_grf.py", "--rewards", "checkpoints")
+    assert result.returncode != 0
+    assert "checkpoints" in result.stderr and "scoring,checkpoints" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_gfootball_says_how_to_install():
+    """Where gfootball cannot be imported, the script exits non-zero and names the install script."""
+    code = ("import runpy, sys; sys.modules['gfootball'] = None; sys.argv = ['pmat_grf.py']; "
+            "runpy.run_path('pmat_grf.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "bash scripts/install_grf.sh" in result.stderr and "gfootball" in result.stderr
+    assert "Traceback" not in result.stderr
