@@ -115,6 +115,7 @@ def run_one(script: str, extra: list[str], variant: str, seed: int, run_dir: Pat
     cmd = [sys.executable, script, "--order", variant, "--seed", str(seed), "--run-dir", str(run_dir), *extra]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))  # parallel runs should not fight over the cores
+    print(f"start    {variant} seed {seed} -> {run_dir}")
     start = time.time()
     with open(run_dir / "log.txt", "w") as log:
         log.write(" ".join(cmd) + "\n\n")
@@ -147,7 +148,6 @@ def run_all(args: Args, extra: list[str]) -> list[str]:
         futures = {}
         for variant, seed, run_dir in todo:
             futures[pool.submit(run_one, script, extra, variant, seed, run_dir, threads)] = (variant, seed, run_dir)
-            print(f"queue    {variant} seed {seed} -> {run_dir}")
         for n, future in enumerate(as_completed(futures), 1):
             variant, seed, run_dir = futures[future]
             code, seconds = future.result()
@@ -273,7 +273,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                  f"(use --variants / --seeds instead)")
     check_config(Path(args.out_dir), args.script, extra)
     start = time.time()
-    failed = run_all(args, extra)
+    try:
+        failed = run_all(args, extra)
+    except KeyboardInterrupt:
+        fail(f"interrupted; finished runs are kept in {args.out_dir}, re-run the same command to resume")
     print(f"ablation took {time.time() - start:.1f} s")
     if failed:
         print(f"{len(failed)} run(s) failed, see: " + ", ".join(failed) + " (re-run the same command to retry them)")

@@ -127,6 +127,7 @@ def test_resume_skips_finished_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "skip     pmat seed 2" in printed and "skip     mat seed 1" in printed
     assert "restart  pmat seed 1" in printed
+    assert "start    mat seed 2" in printed and "start    pmat seed 2" not in printed
     assert sorted(counter.read_text().splitlines()) == ["mat 1", "mat 2", "mat 2", "pmat 1", "pmat 1", "pmat 2"]
     assert len(list((out / "pmat_seed1").glob("events.out.tfevents.*"))) == 1  # the partial folder was cleared
     rows = table_rows((out / "ablation.md").read_text())
@@ -134,7 +135,7 @@ def test_resume_skips_finished_runs(tmp_path, capsys):
 
     assert rmat_ablation.main(cmd) == 0
     assert len(counter.read_text().splitlines()) == 6
-    assert "queue" not in capsys.readouterr().out
+    assert "start    " not in capsys.readouterr().out
 
 
 def test_bad_arguments_give_clear_errors(tmp_path):
