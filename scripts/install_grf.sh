@@ -56,7 +56,9 @@ say "pip install six"
 
 # 3. Check that it really works: build a headless environment and take one step.
 "$PYTHON" - <<'PY'
-import gfootball.env as football_env
+import contextlib, io
+with contextlib.redirect_stderr(io.StringIO()):  # old gym's "please upgrade to gymnasium" notice: the pin is deliberate
+    import gfootball.env as football_env
 env = football_env.create_environment(env_name="academy_3_vs_1_with_keeper", representation="simple115v2",
                                       number_of_left_players_agent_controls=3, render=False)
 obs = env.reset()
