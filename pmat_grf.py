@@ -223,8 +223,9 @@ class FootballEnv(gym.Env):
 
 def make_envs(args, num_envs, async_envs):
     """Vector env that resets a finished env within the same step (its last obs and info are in info["final_obs"]
-    and info["final_info"])."""
-    env_fn = lambda: FootballEnv(args.env_name, args.num_agents, args.representation, args.rewards)  # noqa: E731
+    and info["final_info"]). It checks the scenario and resolves a missing --num-agents itself."""
+    num_agents = check_env_args(args.env_name, args.num_agents)
+    env_fn = lambda: FootballEnv(args.env_name, num_agents, args.representation, args.rewards)  # noqa: E731
     vector_env = gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv
     return vector_env([env_fn] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
@@ -614,6 +615,7 @@ if __name__ == "__main__":
     for iteration in range(1, args.num_iterations + 1):
         finished_returns, finished_scores, finished_lengths = [], [], []
         first_counts = torch.zeros(N, device=device)
+        rollout_start = time.time()
         for step in range(T):
             global_step += E
             obs_buf[step] = next_obs
@@ -644,6 +646,7 @@ if __name__ == "__main__":
                 finished_lengths.append(episode_length[e])
                 episode_return[e], episode_score[e], episode_length[e] = 0.0, 0.0, 0
 
+        update_start = time.time()
         # GAE on de-normalised values, then the value normaliser sees the new targets
         with torch.no_grad():
             next_value = value_norm.denormalize(agent.encoder(next_obs)[1])
@@ -708,9 +711,12 @@ if __name__ == "__main__":
             explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
 
         # Logging
+        update_seconds, rollout_seconds = time.time() - update_start, update_start - rollout_start
         sps = int(global_step / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("perf/rollout_seconds", rollout_seconds, global_step)
+        writer.add_scalar("perf/update_seconds", update_seconds, global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
         writer.add_scalar("losses/ranking_loss", rank_loss.item(), global_step)
