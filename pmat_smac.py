@@ -23,6 +23,7 @@ Run:  python pmat_smac.py --map MMM2 --cuda          (real game)
 import os
 import random
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -191,7 +192,7 @@ def choose_backend(backend, map_name):
         return "sc2", "smacv2 and StarCraft II are installed"
     if map_name in smax_maps():
         why = problem or f"{map_name} is a SMAX-only map"
-        return "smax", f"the real game cannot run ({why}); SMAX numbers are not comparable with SMAC's"
+        return "smax", f"the real game cannot run: {why}"
     if problem:
         sys.exit(f"error: --map {map_name} needs the real game, which cannot run: {problem}. {SC2_INSTALL}. "
                  f"Without the game only SMAX maps run; {smax_map_error(map_name)}")
@@ -290,21 +291,31 @@ def make_sc2_env(map_name, seed):
     return StarCraft2Env(map_name=map_name, seed=seed)
 
 
+class Sc2GaveUp(RuntimeError):
+    pass
+
+
 class Sc2VecEnv:
     """num_envs StarCraft II games (smacv2 StarCraft2Env), stepped in threads: each step mostly waits for its own
     game process, so threads run the games in parallel. A game that crashes is started again: its battle counts
-    as lost, `restarts` counts it, and the run goes on. env_fn(map_name, seed) builds one game (tests pass a
+    as lost, `restarts` counts it, and the run goes on. An AssertionError is not a crash (smacv2 asserts, e.g.,
+    that each action is available): it stops the run. env_fn(map_name, seed) builds one game (tests pass a
     stand-in)."""
 
-    max_failures = 3  # consecutive failed restarts of one game before the run gives up
+    max_failures = 3  # failed restarts in a row of one game before the run gives up
 
     def __init__(self, map_name, num_envs, seed, env_fn=make_sc2_env):
         self.map_name, self.num_envs, self.seed, self.env_fn = map_name, num_envs, seed, env_fn
         self.envs = [env_fn(map_name, seed + 1000 * e) for e in range(num_envs)]
         info = self.envs[0].get_env_info()
         self.n_agents, self.obs_dim, self.n_actions = info["n_agents"], info["obs_shape"], info["n_actions"]
-        self.restarts = 0
+        self.restarts, self.lock = 0, threading.Lock()  # the games' threads all count their restarts here
         self.pool = ThreadPoolExecutor(max_workers=num_envs)
+
+    def _count_restart(self, e, why):
+        with self.lock:
+            self.restarts += 1
+        print(f"warning: StarCraft II game {e}: {why}; restart {self.restarts}; its battle counts as lost", flush=True)
 
     def _observe(self, e):
         env = self.envs[e]
@@ -313,9 +324,7 @@ class Sc2VecEnv:
     def _restart(self, e, error):
         """Replace a crashed game by a new one and start a battle in it; returns its (obs, avail)."""
         for attempt in range(1, self.max_failures + 1):
-            self.restarts += 1
-            print(f"warning: StarCraft II game {e} failed ({type(error).__name__}: {error}); restart {self.restarts}, "
-                  f"attempt {attempt}; its battle counts as lost", flush=True)
+            self._count_restart(e, f"{type(error).__name__}: {error} (attempt {attempt} of {self.max_failures})")
             try:
                 self.envs[e].close()
             except Exception:
@@ -324,14 +333,18 @@ class Sc2VecEnv:
                 self.envs[e] = self.env_fn(self.map_name, self.seed + 1000 * e + 1_000_000 * self.restarts)
                 self.envs[e].reset()
                 return self._observe(e)
+            except AssertionError:
+                raise
             except Exception as new_error:
                 error = new_error
-        raise RuntimeError(f"StarCraft II game {e} could not be restarted {self.max_failures} times: {error}")
+        raise Sc2GaveUp(f"StarCraft II game {e} failed to restart {self.max_failures} times in a row, last error: {error}")
 
     def _reset_one(self, e):
         try:
             self.envs[e].reset()
             return self._observe(e)
+        except AssertionError:
+            raise
         except Exception as error:
             return self._restart(e, error)
 
@@ -340,20 +353,20 @@ class Sc2VecEnv:
         try:
             reward, terminated, info = self.envs[e].step(action.tolist())
             if terminated and "battle_won" not in info:
-                # smacv2 restarts a game whose connection failed by itself and returns (0, True, {})
-                self.restarts += 1
-                print(f"warning: smacv2 restarted StarCraft II game {e}; its battle counts as lost", flush=True)
+                self._count_restart(e, "smacv2 restarted it itself")  # after a lost connection smacv2 returns (0, True, {})
             won = bool(info.get("battle_won", False))
             if terminated:
                 self.envs[e].reset()
             return (*self._observe(e), float(reward), bool(terminated), won)
+        except AssertionError:
+            raise
         except Exception as error:
             return (*self._restart(e, error), 0.0, True, False)
 
     def _gather(self, results):
         try:
             results = list(results)
-        except RuntimeError as error:
+        except Sc2GaveUp as error:
             sys.exit(f"error: {error}")
         return [np.stack(x) for x in zip(*results)]
 
@@ -710,7 +723,7 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    backend_text = f"backend: {backend} ({why})" + ("" if backend == "sc2" else "; SMAX win rates are not SMAC win rates")
+    backend_text = f"backend: {backend} ({why})" + ("" if backend == "sc2" else "; SMAX numbers are not comparable with SMAC's")
     writer.add_text("backend", backend_text)
 
     # Seeding
