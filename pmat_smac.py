@@ -442,16 +442,14 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.causal = n_head, causal
         self.query = layer_init(nn.Linear(n_embd, n_embd))
-        self.key = layer_init(nn.Linear(n_embd, n_embd))
-        self.value = layer_init(nn.Linear(n_embd, n_embd))
+        self.key_value = layer_init(nn.Linear(n_embd, 2 * n_embd))  # keys and values in one matmul
         self.proj = layer_init(nn.Linear(n_embd, n_embd))
 
-    def forward(self, query, key, value):  # (B, L, E) each
+    def forward(self, query, key_value):  # (B, L, E) the attending positions, (B, L, E) the attended ones
         B, L, E = query.shape
-        q, k, v = (
-            lin(x).view(B, L, self.n_head, E // self.n_head).transpose(1, 2)  # (B, H, L, E/H)
-            for lin, x in ((self.query, query), (self.key, key), (self.value, value))
-        )
+        H = self.n_head
+        q = self.query(query).view(B, L, H, E // H).transpose(1, 2)  # (B, H, L, E/H)
+        k, v = self.key_value(key_value).view(B, L, 2, H, E // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, E/H)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, E/H)
         return self.proj(y.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
 
@@ -470,7 +468,7 @@ class EncodeBlock(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
 
     def forward(self, x):  # (B, N, E)
-        x = self.ln1(x + self.attn(x, x, x))
+        x = self.ln1(x + self.attn(x, x))
         return self.ln2(x + self.mlp(x))
 
 
@@ -485,8 +483,8 @@ class DecodeBlock(nn.Module):
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
 
     def forward(self, x, rep):  # (B, L, E) action embeddings, (B, L, E) observation encodings, both in decision order
-        x = self.ln1(x + self.attn1(x, x, x))  # actions of the agents before k
-        x = self.ln2(rep + self.attn2(rep, x, x))  # agent k's observation looks at them
+        x = self.ln1(x + self.attn1(x, x))  # actions of the agents before k
+        x = self.ln2(rep + self.attn2(rep, x))  # agent k's observation looks at them
         return self.ln3(x + self.mlp(x))
 
 
@@ -750,7 +748,7 @@ if __name__ == "__main__":
 
     agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     value_norm = ValueNorm().to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
     # Rollout storage, time-major
     T, E, N = args.num_steps, args.num_envs, n_agents
@@ -775,6 +773,7 @@ if __name__ == "__main__":
     for iteration in range(1, args.num_iterations + 1):
         finished_returns, finished_lengths = [], []
         first_counts = torch.zeros(N, device=device)
+        rollout_start = time.time()
         for step in range(T):
             global_step += E
             obs_buf[step], avail_buf[step] = next_obs, next_avail
@@ -798,6 +797,7 @@ if __name__ == "__main__":
             battles_won += int(won.sum())
             battles_done += int(done.sum())
 
+        update_start = time.time()
         # GAE on de-normalised values, then the value normaliser sees the new targets
         with torch.no_grad():
             next_value = value_norm.denormalize(agent.encoder(next_obs)[1])
@@ -863,9 +863,12 @@ if __name__ == "__main__":
             explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
 
         # Logging
+        update_seconds, rollout_seconds = time.time() - update_start, update_start - rollout_start
         sps = int(global_step / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("perf/rollout_seconds", rollout_seconds, global_step)
+        writer.add_scalar("perf/update_seconds", update_seconds, global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
         writer.add_scalar("losses/ranking_loss", rank_loss.item(), global_step)
