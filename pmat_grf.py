@@ -67,7 +67,7 @@ class Args:
     representation: Literal["simple115v2", "simple115"] = "simple115v2"
     """the observation: gfootball's 115-float vector per player (v2: each player keeps its slot, missing ones are -1)"""
     rewards: Literal["scoring,checkpoints", "scoring"] = "scoring,checkpoints"
-    """scoring = +1/-1 per goal; checkpoints adds +0.1 for each tenth of the way to the goal with the ball"""
+    """scoring = +1/-1 per goal; checkpoints adds +0.1 per distance checkpoint to the goal reached with the ball (10 in all)"""
     async_envs: bool = True
     """step the envs in subprocesses when num_envs > 1 (--no-async-envs: all in this process)"""
 
@@ -182,7 +182,8 @@ class FootballEnv(gym.Env):
     shared by all agents (MAT's GRF setting; the checkpoint reward goes only to the player who carries the ball);
     info["score_reward"]: goals scored minus goals conceded at this step (-1, 0 or 1).
     gfootball signals every episode end with one `done` (goal, ball out, lost ball, time limit); the raw
-    observation's steps_left tells the time limit apart: then the episode is truncated, else terminated.
+    observation's steps_left tells the time limit apart: then the episode is truncated (GAE bootstraps), else
+    terminated.
     The engine is built at the first reset and rebuilt when reset gets a seed (its random stream cannot be
     re-seeded in place): gymnasium's vector env builds a throw-away copy only to read the spaces.
     """
@@ -209,8 +210,10 @@ class FootballEnv(gym.Env):
 
     def step(self, action):
         obs, rewards, done, info = self.env.step(np.asarray(action).tolist())  # rewards (N,), or a float if N = 1
-        time_limit = done and self.env.unwrapped.observation()[0]["steps_left"] <= 0
-        return self._obs(obs), float(np.sum(rewards)), done and not time_limit, time_limit, {"score_reward": float(info["score_reward"])}
+        score = float(info["score_reward"])
+        # the 400-step limit cut the episode (a goal on the last step still counts as a real end)
+        time_limit = done and score == 0 and self.env.unwrapped.observation()[0]["steps_left"] <= 0
+        return self._obs(obs), float(np.sum(rewards)), done and not time_limit, time_limit, {"score_reward": score}
 
     def _obs(self, obs):
         return np.asarray(obs, dtype=np.float32).reshape(self.num_agents, OBS_DIM)  # N = 1 gives a flat (115,)
