@@ -224,7 +224,8 @@ def plackett_luce_sample(log_weights, deterministic=False):
 
 def gather_agents(x, index):
     """Reorder x (B, N, ...) along the agent axis: out[b, k] = x[b, index[b, k]]."""
-    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), index]
+    index = index.view(*index.shape, *(1,) * (x.dim() - 2)).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,7 +385,7 @@ class PMAT(nn.Module):
             return torch.arange(N, device=rep.device).expand(B, N), torch.zeros(B, device=rep.device)
         return plackett_luce_sample(self.order_log_weights(rep), deterministic and self.order_mode == "pmat")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs, deterministic=False):
         """Rollout. obs (B, N, obs_dim) -> actions (B, N, A), log-probs (B, N) and values (B, N) in agent order,
         the order (B, N) and its log-prob (B,)."""
