@@ -385,7 +385,7 @@ class PMAT(nn.Module):
             return torch.arange(N, device=rep.device).expand(B, N), torch.zeros(B, device=rep.device)
         return plackett_luce_sample(self.order_log_weights(rep), deterministic and self.order_mode == "pmat")
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def act(self, obs, deterministic=False):
         """Rollout. obs (B, N, obs_dim) -> actions (B, N, A), log-probs (B, N) and values (B, N) in agent order,
         the order (B, N) and its log-prob (B,)."""
