@@ -63,11 +63,11 @@ class Args:
     env_name: str = "academy_3_vs_1_with_keeper"
     """the gfootball scenario (any module of gfootball.scenarios; a bad name lists them)"""
     num_agents: Optional[int] = None
-    """left-team players the agents control (default: the paper's count for its three scenarios, see PAPER_AGENTS)"""
+    """left-team players the agents control (the paper's 3, 2, 4 for 3_vs_1_with_keeper, pass_and_shoot_with_keeper, counterattack_easy; needed for other scenarios)"""
     representation: Literal["simple115v2", "simple115"] = "simple115v2"
     """the observation: gfootball's 115-float vector per player (v2: each player keeps its slot, missing ones are -1)"""
-    rewards: Literal["scoring,checkpoints", "scoring"] = "scoring,checkpoints"
-    """scoring = +1/-1 per goal; checkpoints adds +0.1 per distance checkpoint to the goal reached with the ball (10 in all)"""
+    rewards: str = "scoring,checkpoints"
+    """"scoring" = +1/-1 per goal; "scoring,checkpoints" adds +0.1 per distance checkpoint to the goal reached with the ball (10 in all)"""
     async_envs: bool = True
     """step the envs in subprocesses when num_envs > 1 (--no-async-envs: all in this process)"""
 
@@ -135,6 +135,7 @@ PAPER_AGENTS = {  # the agent counts of the paper's GRF experiments
 }
 GRF_NUM_ACTIONS = 19  # gfootball's default action set: idle, 8 directions, 3 passes, shot, sprint, ... (all available)
 OBS_DIM = 115  # both simple115 representations
+REWARDS = ("scoring,checkpoints", "scoring")  # gfootball's reward options (written here as it spells them)
 
 
 def import_gfootball():
@@ -156,8 +157,10 @@ def grf_scenarios():
     return sorted(m.name for m in pkgutil.iter_modules(gfootball.scenarios.__path__) if not m.ispkg)
 
 
-def check_env_args(env_name, num_agents):
-    """Exit with a clear message on an unknown scenario or a bad --num-agents; returns the number of agents."""
+def check_env_args(env_name, num_agents, rewards="scoring,checkpoints"):
+    """Exit with a clear message on an unknown scenario, a bad --num-agents or --rewards; returns the number of agents."""
+    if rewards not in REWARDS:
+        sys.exit(f"error: unknown --rewards {rewards!r}. Accepted: {', '.join(repr(r) for r in REWARDS)}")
     scenarios = grf_scenarios()
     if env_name not in scenarios:
         sys.exit(f"error: unknown --env-name {env_name!r}. gfootball scenarios: {', '.join(scenarios)}")
@@ -227,7 +230,7 @@ class FootballEnv(gym.Env):
 def make_envs(args, num_envs, async_envs):
     """Vector env that resets a finished env within the same step (its last obs and info are in info["final_obs"]
     and info["final_info"]). It checks the scenario and resolves a missing --num-agents itself."""
-    num_agents = check_env_args(args.env_name, args.num_agents)
+    num_agents = check_env_args(args.env_name, args.num_agents, args.rewards)
     env_fn = lambda: FootballEnv(args.env_name, num_agents, args.representation, args.rewards)  # noqa: E731
     vector_env = gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv
     return vector_env([env_fn] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -547,7 +550,7 @@ def load_agent(path, device="cpu"):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    args.num_agents = check_env_args(args.env_name, args.num_agents)
+    args.num_agents = check_env_args(args.env_name, args.num_agents, args.rewards)
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % args.num_minibatches != 0:
         sys.exit(
