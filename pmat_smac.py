@@ -740,9 +740,6 @@ if __name__ == "__main__":
         setup_jax(args.jax_cache_dir)
     envs = make_envs(args, backend, args.num_envs, args.seed)
     n_agents, obs_dim, n_actions = envs.n_agents, envs.obs_dim, envs.n_actions
-    eval_envs = None
-    if args.eval_interval > 0:  # SMAX: as many envs as training, so the compiled step is reused
-        eval_envs = make_envs(args, backend, args.num_envs if backend == "smax" else min(args.num_envs, args.eval_episodes), args.seed + 10_000)
     print(f"{args.map} ({backend}): {n_agents} agents, obs {obs_dim}, actions {n_actions}; order={args.order}; "
           f"{args.num_envs} envs; logging to {run_dir}", flush=True)
 
@@ -889,8 +886,12 @@ if __name__ == "__main__":
         if finished_returns:
             writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
             writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
-        if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
-            eval_wins, eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
+        if args.eval_interval > 0 and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
+            # Evaluation borrows the training envs (a StarCraft II game is a heavy process; a second set of games
+            # would double the memory), then the next rollout starts from fresh battles.
+            eval_wins, eval_returns = evaluate_policy(agent, envs, args.eval_episodes, device)
+            next_obs, next_avail = (torch.as_tensor(x, device=device) for x in envs.reset())
+            episode_return[:], episode_length[:] = 0.0, 0
             writer.add_scalar("eval/win_rate", np.mean(eval_wins), global_step)
             writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
             print(f"  eval: win rate {np.mean(eval_wins):.3f}, return {np.mean(eval_returns):.2f} over {len(eval_wins)} battles")
@@ -906,6 +907,4 @@ if __name__ == "__main__":
                     "obs_dim": obs_dim, "n_actions": n_actions, "backend": backend}, model_path)
         print(f"model saved to {model_path}")
     envs.close()
-    if eval_envs is not None:
-        eval_envs.close()
     writer.close()
