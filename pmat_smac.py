@@ -418,7 +418,8 @@ def plackett_luce_sample(log_weights, deterministic=False):
 
 def gather_agents(x, index):
     """Reorder x (B, N, ...) along the agent axis: out[b, k] = x[b, index[b, k]]."""
-    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), index]
+    index = index.view(*index.shape, *(1,) * (x.dim() - 2)).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
