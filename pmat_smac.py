@@ -191,8 +191,7 @@ def choose_backend(backend, map_name):
     if problem is None and map_name in sc2_maps():
         return "sc2", "smacv2 and StarCraft II are installed"
     if map_name in smax_maps():
-        why = problem or f"{map_name} is a SMAX-only map"
-        return "smax", f"the real game cannot run: {why}"
+        return "smax", f"the real game cannot run: {problem}" if problem else f"{map_name} is a SMAX map that smacv2 does not have"
     if problem:
         sys.exit(f"error: --map {map_name} needs the real game, which cannot run: {problem}. {SC2_INSTALL}. "
                  f"Without the game only SMAX maps run; {smax_map_error(map_name)}")
@@ -387,6 +386,7 @@ class Sc2VecEnv:
 
 
 def make_envs(args, backend, num_envs, seed):
+    """The vector of num_envs battles of --map on the chosen backend."""
     if backend == "sc2":
         return Sc2VecEnv(args.map, num_envs, seed)
     return SmaxVecEnv(args.map, num_envs, seed, args.smax_max_steps)
