@@ -751,7 +751,7 @@ if __name__ == "__main__":
             stats = "no episode finished"
         eta = (args.num_iterations - iteration) * (time.time() - start_time) / iteration
         print(f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | {stats} | "
-              f"left {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+              f"left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
 
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
