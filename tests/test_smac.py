@@ -2,7 +2,6 @@
 against a stand-in of smacv2's StarCraft2Env (the StarCraft II binary cannot be installed on these machines)."""
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -56,6 +55,21 @@ def test_decoder_is_causal_on_one_hot_inputs():
         changed[:, k + 1 :] = torch.nn.functional.one_hot(torch.randint(6, (4, 5 - k)), 6).float()
         new = agent.decoder(changed, rep)
         torch.testing.assert_close(new[:, : k + 1], out[:, : k + 1], rtol=0, atol=1e-6)
+        if k + 1 < 6:  # ... and it does see the action right before it
+            assert (new[:, k + 1] - out[:, k + 1]).abs().max() > 1e-3
+
+
+def test_permuting_agents_permutes_greedy_actions():
+    """PMAT's deterministic order follows the agents: permuting their observations and masks permutes the order
+    and the greedy actions the same way, so each action lands at its own agent."""
+    agent = perturbed_agent("pmat")
+    torch.manual_seed(2)
+    obs, avail = torch.randn(5, 6, 7), random_masks(5, 6, 5)
+    action, _, _, sigma, _ = agent.act(obs, avail, deterministic=True)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    action_p, _, _, sigma_p, _ = agent.act(obs[:, perm], avail[:, perm], deterministic=True)
+    assert torch.equal(action_p, action[:, perm])
+    assert torch.equal(perm[sigma_p], sigma)  # the same agents act in the same order
 
 
 @pytest.mark.parametrize("order", ORDERS)
