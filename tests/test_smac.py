@@ -436,10 +436,11 @@ def test_maps_smax_cannot_play_are_refused_by_name(backend, map_name, expected):
     (["--map", "3m", "--backend", "sc2"], ["--backend sc2 cannot run", "smacv2 is not installed", "SC2PATH",
                                            "pip install git+https://github.com/oxwhirl/smacv2.git"]),
     (["--backend", "bogus"], ["bogus", "auto", "sc2", "smax"]),
+    (["--map", "3m", "--num-envs", "0"], ["error: --num-envs must be at least 1, got 0"]),
 ])
 def test_bad_input_gives_a_clear_message(flags, expected):
     """As users run it: `--map MMM2 --cuda` without the game (the README's command), the sc2 backend without the
-    game, and a backend that does not exist: a message, a non-zero exit, no traceback."""
+    game, a backend that does not exist, no envs: a message, a non-zero exit, no traceback."""
     result = run_script("pmat_smac.py", *flags)
     assert result.returncode != 0
     for text in expected:
