@@ -4,6 +4,11 @@ import os
 import subprocess
 import sys
 
+import torch
+
+# The networks are tiny: one thread is fastest, and several threads spin-wait badly on a busy 2-core machine.
+torch.set_num_threads(1)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -1,0 +1,30 @@
+"""The benchmark scripts copy the PMAT core on purpose (each reads on its own); the copies must stay identical."""
+import importlib
+import inspect
+import os
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = [s for s in ("pmat_mamujoco", "pmat_smac", "pmat_grf") if os.path.exists(os.path.join(ROOT, s + ".py"))]
+SHARED = ["plackett_luce_log_prob", "plackett_luce_sample", "gather_agents", "layer_init", "Attention", "mlp",
+          "EncodeBlock", "DecodeBlock", "Encoder", "ScoringBlock", "ValueNorm", "compute_gae",
+          "PMAT.order_log_weights", "PMAT.get_order"]
+
+
+def source(module, name):
+    obj = module
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return inspect.getsource(obj)
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_logic_is_identical_in_every_script(name):
+    if len(SCRIPTS) < 2:
+        pytest.skip("only one benchmark script")
+    modules = {s: importlib.import_module(s) for s in SCRIPTS}
+    reference = source(modules[SCRIPTS[0]], name)
+    for script, module in modules.items():
+        assert source(module, name) == reference, f"{name} in {script}.py differs from {SCRIPTS[0]}.py"
