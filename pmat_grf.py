@@ -551,6 +551,9 @@ def load_agent(path, device="cpu"):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     args.num_agents = check_env_args(args.env_name, args.num_agents, args.rewards)
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % args.num_minibatches != 0:

@@ -289,6 +289,7 @@ def test_bad_env_input_gives_a_clear_message(grf, flags, bad, accepted):
     (["--rewards", "checkpoints"], "'checkpoints'", "'scoring,checkpoints', 'scoring'"),
     (["--order", "best"], "best", "pmat"),
     (["--representation", "pixels"], "pixels", "simple115v2"),
+    (["--num-envs", "0"], "--num-envs must be at least 1", "got 0"),
 ])
 def test_bad_flag_value_names_the_choices(flags, bad, accepted):
     """Checked before gfootball is imported: the message is the same on a machine without it."""
