@@ -38,8 +38,10 @@ class Args:
     """mamujoco: SCENARIO-SPLIT (Ant-4x2, Ant-8x1, HalfCheetah-6x1); smac: a SMAX map; grf: a scenario"""
     num_envs: int = 8
     """parallel envs, for every measurement"""
-    steps: int = 300
-    """vector-env steps per speed measurement"""
+    steps: int = 100
+    """vector-env steps per round of a speed measurement"""
+    rounds: int = 5
+    """env-only, pmat and mat are measured in turn, this many rounds; each keeps its best round (least disturbed)"""
     train_iterations: int = 3
     """training iterations (rollout + update) for the end-to-end measurement (0: skip)"""
     seed: int = 1
@@ -101,12 +103,21 @@ class Runner:
             self.obs, *_ = self.envs.step(action)
 
     def steps_per_second(self, choose_action, steps):
-        for _ in range(10):  # warm-up (JIT, page faults)
+        for _ in range(5):  # warm-up (JIT, page faults, caches)
             self.step(choose_action())
         start = time.perf_counter()
         for _ in range(steps):
             self.step(choose_action())
         return steps * self.obs.shape[0] / (time.perf_counter() - start)
+
+
+def interleaved_rates(runner, choosers, steps, rounds):
+    """Steps/s of each action chooser, measured in turn for several rounds; the best round of each counts."""
+    best = {name: 0.0 for name in choosers}
+    for _ in range(rounds):
+        for name, choose in choosers.items():
+            best[name] = max(best[name], runner.steps_per_second(choose, steps))
+    return best
 
 
 def decoder_ms_per_step(module, bench, n_agents, num_envs, obs_dim, act_dim, order="pmat", repeats=200):
@@ -154,16 +165,17 @@ def main():
     script = {"mamujoco": "pmat_mamujoco.py", "smac": "pmat_smac.py", "grf": "pmat_grf.py"}[args.benchmark]
     module = importlib.import_module(script[:-3])
     runner = Runner(module, args)
-    rows = [("env-only steps/s (random actions)", runner.steps_per_second(runner.random_action, args.steps))]
-    rollout = {}
-    for order in ("pmat", "mat"):
-        torch.manual_seed(args.seed)
-        agent = module.PMAT(runner.obs_dim, runner.act_dim, order)
-        rollout[order] = runner.steps_per_second(lambda: runner.policy_action(agent), args.steps)
-        rows.append((f"rollout steps/s, --order {order}", rollout[order]))
+    agents = {order: module.PMAT(runner.obs_dim, runner.act_dim, order) for order in ("pmat", "mat")}
+    rates = interleaved_rates(runner, {"env": runner.random_action,
+                                       "pmat": lambda: runner.policy_action(agents["pmat"]),
+                                       "mat": lambda: runner.policy_action(agents["mat"])}, args.steps, args.rounds)
     runner.envs.close()
-    rows.append(("rollout / env-only (pmat)", rollout["pmat"] / rows[0][1]))
-    rows.append(("rollout pmat / mat", rollout["pmat"] / rollout["mat"]))
+    rows = [("env-only steps/s (random actions)", rates["env"]),
+            ("rollout steps/s, --order pmat", rates["pmat"]),
+            ("rollout steps/s, --order mat", rates["mat"]),
+            ("rollout / env-only (pmat)", rates["pmat"] / rates["env"]),
+            ("rollout / env-only (mat)", rates["mat"] / rates["env"]),
+            ("rollout pmat / mat", rates["pmat"] / rates["mat"])]
     dec5 = decoder_ms_per_step(module, args.benchmark, 5, args.num_envs, runner.obs_dim, runner.act_dim)
     dec10 = decoder_ms_per_step(module, args.benchmark, 10, args.num_envs, runner.obs_dim, runner.act_dim)
     rows += [("policy ms per step, N=5 (synthetic)", dec5), ("policy ms per step, N=10 (synthetic)", dec10),
