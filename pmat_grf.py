@@ -600,7 +600,8 @@ if __name__ == "__main__":
 
     agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     value_norm = ValueNorm().to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    params = list(agent.parameters())  # a list, not a generator: walking the modules every step costs time
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
 
     # Rollout storage, time-major
     T, E = args.num_steps, args.num_envs
@@ -623,6 +624,7 @@ if __name__ == "__main__":
     for iteration in range(1, args.num_iterations + 1):
         finished_returns, finished_scores, finished_lengths = [], [], []
         first_counts = torch.zeros(N, device=device)
+        bootstrap_buf.zero_()
         rollout_start = time.time()
         for step in range(T):
             global_step += E
@@ -642,8 +644,6 @@ if __name__ == "__main__":
                 final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
                 with torch.no_grad():
                     bootstrap_buf[step, torch.as_tensor(cut, device=device)] = value_norm.denormalize(agent.encoder(final_obs)[1])
-            else:
-                bootstrap_buf[step] = 0.0
 
             episode_return += reward
             episode_score += step_scores(info, terminated | truncated)  # goals, from info["score_reward"]
@@ -706,7 +706,7 @@ if __name__ == "__main__":
                 loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.rank_coef * rank_loss
                 optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
                 optimizer.step()
 
                 with torch.no_grad():

@@ -549,7 +549,8 @@ if __name__ == "__main__":
 
     agent = PMAT(obs_dim, act_dim, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     value_norm = ValueNorm().to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    params = list(agent.parameters())  # a list, not a generator: walking the modules every step costs time
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
 
     # Rollout storage, time-major
     T, E, N = args.num_steps, args.num_envs, n_agents
@@ -572,6 +573,7 @@ if __name__ == "__main__":
     for iteration in range(1, args.num_iterations + 1):
         finished_returns, finished_lengths = [], []
         first_counts = torch.zeros(N, device=device)
+        bootstrap_buf.zero_()
         rollout_start = time.time()
         for step in range(T):
             global_step += E
@@ -591,8 +593,6 @@ if __name__ == "__main__":
                 final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
                 with torch.no_grad():
                     bootstrap_buf[step, torch.as_tensor(cut, device=device)] = value_norm.denormalize(agent.encoder(final_obs)[1])
-            else:
-                bootstrap_buf[step] = 0.0
 
             episode_return += reward
             episode_length += 1
@@ -653,7 +653,7 @@ if __name__ == "__main__":
                 loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.rank_coef * rank_loss
                 optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
                 optimizer.step()
 
                 with torch.no_grad():
@@ -692,7 +692,7 @@ if __name__ == "__main__":
         mean_return = f"{np.mean(finished_returns):9.1f}" if finished_returns else "        -"
         eta = (args.num_iterations - iteration) * (time.time() - start_time) / iteration
         print(f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | return {mean_return} | "
-              f"left {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+              f"left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
 
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"

@@ -749,7 +749,8 @@ if __name__ == "__main__":
 
     agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     value_norm = ValueNorm().to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    params = list(agent.parameters())  # a list, not a generator: walking the modules every step costs time
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
 
     # Rollout storage, time-major
     T, E, N = args.num_steps, args.num_envs, n_agents
@@ -851,7 +852,7 @@ if __name__ == "__main__":
                 loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.rank_coef * rank_loss
                 optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
                 optimizer.step()
 
                 with torch.no_grad():
@@ -903,7 +904,7 @@ if __name__ == "__main__":
         win_text = f"{win_rate:5.3f}" if win_rate is not None else "    -"
         eta = (args.num_iterations - iteration) * (time.time() - start_time) / iteration
         print(f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | return {mean_return} | "
-              f"win rate {win_text} | left {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+              f"win rate {win_text} | left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
 
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
