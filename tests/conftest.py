@@ -29,3 +29,14 @@ def read_scalars(run_dir):
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def perturbed_agent(module, order, obs_dim, act_dim, seed=0):
+    """A small PMAT from `module` (a benchmark script) whose weights are moved away from the near-zero init, so
+    every input really changes the outputs."""
+    torch.manual_seed(seed)
+    agent = module.PMAT(obs_dim, act_dim, order, n_embd=16, n_head=2, n_block=2)
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return agent

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import pmat_grf as pg
+import conftest
 from conftest import ROOT, read_scalars, run_script
 
 ORDERS = ["pmat", "mat", "rmat"]
@@ -51,13 +52,7 @@ def grf():
 # The copied PMAT core, discrete actions without masks (no engine needed)
 # ---------------------------------------------------------------------------------------------------------------
 def perturbed_agent(order, obs_dim=9, n_actions=19, seed=0):
-    """A PMAT whose weights are moved away from the near-zero init, so every input really changes the outputs."""
-    torch.manual_seed(seed)
-    agent = pg.PMAT(obs_dim, n_actions, order, n_embd=16, n_head=2, n_block=2)
-    with torch.no_grad():
-        for p in agent.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return agent
+    return conftest.perturbed_agent(pg, order, obs_dim, n_actions, seed)
 
 
 @pytest.mark.parametrize("order", ORDERS)

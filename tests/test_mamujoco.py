@@ -8,19 +8,14 @@ import pytest
 import torch
 
 import pmat_mamujoco as pm
+import conftest
 from conftest import read_scalars, run_script
 
 ORDERS = ["pmat", "mat", "rmat"]
 
 
 def perturbed_agent(order, obs_dim=7, act_dim=3, seed=0):
-    """A PMAT whose weights are moved away from the near-zero init, so every input really changes the outputs."""
-    torch.manual_seed(seed)
-    agent = pm.PMAT(obs_dim, act_dim, order, n_embd=16, n_head=2, n_block=2)
-    with torch.no_grad():
-        for p in agent.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return agent
+    return conftest.perturbed_agent(pm, order, obs_dim, act_dim, seed)
 
 
 def test_decoder_is_causal():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pmat_smac as ps
+import conftest
 from conftest import read_scalars, run_script
 
 ORDERS = ["pmat", "mat", "rmat"]
@@ -23,13 +24,7 @@ def one_torch_thread():
 
 
 def perturbed_agent(order, obs_dim=7, n_actions=5, seed=0):
-    """A PMAT whose weights are moved away from the near-zero init, so every input really changes the outputs."""
-    torch.manual_seed(seed)
-    agent = ps.PMAT(obs_dim, n_actions, order, n_embd=16, n_head=2, n_block=2)
-    with torch.no_grad():
-        for p in agent.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return agent
+    return conftest.perturbed_agent(ps, order, obs_dim, n_actions, seed)
 
 
 def random_masks(batch, n_agents, n_actions, generator=None):
