@@ -434,9 +434,11 @@ class PMAT(nn.Module):
             # The causal mask hides positions > k from position k: the decoder on the prefix 0..k gives exactly
             # the full pass's output at k, without computing the positions that have no input yet.
             logits = self.decoder(prev_action[:, : k + 1], rep[:, : k + 1])[:, k]  # (B, A)
-            dist = Categorical(logits=logits)
-            action[:, k] = logits.argmax(-1) if deterministic else dist.sample()
-            log_prob[:, k] = dist.log_prob(action[:, k])
+            log_p = logits.log_softmax(-1)  # (B, A); written out, as a Categorical object per step costs more
+            # Gumbel-max: argmax(log p + Gumbel noise) is an exact sample (the P-L sampler's trick with one pick)
+            noisy = log_p if deterministic else log_p - torch.log(torch.empty_like(log_p).exponential_())
+            action[:, k] = noisy.argmax(-1)
+            log_prob[:, k] = log_p.gather(1, action[:, k : k + 1]).squeeze(1)
             if k + 1 < N:
                 prev_action[:, k + 1, 1:] = F.one_hot(action[:, k], self.n_actions)  # agent sigma(k+1) sees sigma(k)'s action
         inverse = torch.argsort(order, dim=1)  # inverse[b, i] = position of agent i in the order
