@@ -454,6 +454,17 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, E/H)
         return self.proj(y.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
 
+    def step(self, query, key_value, cache, pos):  # (B, E) the new position pos; cache (B, N, 2E)
+        """Rollout form of a causal forward(): only position pos attends, to positions 0..pos. The keys and values
+        of positions < pos are in cache from earlier steps; this step adds those of pos (a key/value cache)."""
+        B, E = query.shape
+        H = self.n_head
+        cache[:, pos] = self.key_value(key_value)  # (B, 2E)
+        q = self.query(query).view(B, H, 1, E // H)  # (B, H, 1, E/H)
+        k, v = cache[:, : pos + 1].view(B, pos + 1, 2, H, E // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, pos+1, E/H)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, E/H); no mask: later positions are not cached yet
+        return self.proj(y.reshape(B, E))  # (B, E)
+
 
 def mlp(n_embd):
     return nn.Sequential(layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), layer_init(nn.Linear(n_embd, n_embd)))
@@ -486,6 +497,12 @@ class DecodeBlock(nn.Module):
     def forward(self, x, rep):  # (B, L, E) action embeddings, (B, L, E) observation encodings, both in decision order
         x = self.ln1(x + self.attn1(x, x))  # actions of the agents before k
         x = self.ln2(rep + self.attn2(rep, x))  # agent k's observation looks at them
+        return self.ln3(x + self.mlp(x))
+
+    def step(self, x, rep, caches, pos):  # (B, E) position pos's action embedding and encoding; 2 caches (B, N, 2E)
+        """forward() for the one new position pos, with a key/value cache per attention layer (see Attention.step)."""
+        x = self.ln1(x + self.attn1.step(x, x, caches[0], pos))
+        x = self.ln2(rep + self.attn2.step(rep, x, caches[1], pos))
         return self.ln3(x + self.mlp(x))
 
 
@@ -544,6 +561,18 @@ class Decoder(nn.Module):
             x = block(x, rep)
         return self.head(x)  # (B, L, A) action logits
 
+    def new_caches(self, batch, n_agents):
+        """Empty key/value caches for a rollout: two (B, N, 2E) per block, one per attention layer."""
+        n_embd = self.ln.normalized_shape[0]
+        return [[torch.zeros(batch, n_agents, 2 * n_embd, device=self.ln.weight.device) for _ in range(2)] for _ in self.blocks]
+
+    def step(self, prev_action, rep, caches, pos):  # (B, A+1) one-hot action of position pos-1, (B, E) encoding of pos
+        """forward() for the one new position pos, reusing the cached keys and values of positions < pos."""
+        x = self.ln(self.action_encoder(prev_action))  # (B, E)
+        for block, block_caches in zip(self.blocks, caches):
+            x = block.step(x, rep, block_caches, pos)
+        return self.head(x)  # (B, A) the action logits of agent sigma(pos)
+
 
 def masked_logits(logits, avail):
     """Unavailable actions get a logit of -1e10 (MAT): probability exactly 0, so they are never sampled."""
@@ -570,32 +599,34 @@ class PMAT(nn.Module):
             return torch.arange(N, device=rep.device).expand(B, N), torch.zeros(B, device=rep.device)
         return plackett_luce_sample(self.order_log_weights(rep), deterministic and self.order_mode == "pmat")
 
-    @torch.no_grad()
     def act(self, obs, avail, deterministic=False):
         """Rollout. obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N) and values
         (B, N) in agent order, the order (B, N) and its log-prob (B,)."""
-        rep, value = self.encoder(obs)
-        order, order_log_prob = self.get_order(rep, deterministic)
-        rep = gather_agents(rep, order)  # (B, N, E), reordered: position k holds agent sigma(k)
-        avail = gather_agents(avail, order)  # (B, N, A), the masks in the same order
-        B, N, _ = rep.shape
-        prev_action = torch.zeros(B, N, self.n_actions + 1, device=obs.device)  # decoder input, shifted right
-        prev_action[:, 0, 0] = 1.0  # the start token
-        action = torch.zeros(B, N, dtype=torch.long, device=obs.device)
-        log_prob = torch.zeros(B, N, device=obs.device)
-        for k in range(N):
-            # The causal mask hides positions > k from position k: the decoder on the prefix 0..k gives exactly
-            # the full pass's output at k, without computing the positions that have no input yet.
-            logits = masked_logits(self.decoder(prev_action[:, : k + 1], rep[:, : k + 1])[:, k], avail[:, k])  # (B, A)
-            log_p = logits.log_softmax(-1)  # (B, A); written out, as a Categorical object per step costs more
-            # Gumbel-max: argmax(log p + Gumbel noise) is an exact sample (the P-L sampler's trick with one pick)
-            noisy = log_p if deterministic else log_p - torch.log(torch.empty_like(log_p).exponential_())
-            action[:, k] = noisy.argmax(-1)
-            log_prob[:, k] = log_p.gather(1, action[:, k : k + 1]).squeeze(1)
-            if k + 1 < N:
-                prev_action[:, k + 1, 1:] = F.one_hot(action[:, k], self.n_actions)  # agent sigma(k+1) sees sigma(k)'s action
-        inverse = torch.argsort(order, dim=1)  # inverse[b, i] = position of agent i in the order
-        return gather_agents(action, inverse), gather_agents(log_prob, inverse), value, order, order_log_prob
+        with torch.inference_mode():  # like no_grad, but cheaper per op (the rollout is bound by per-op overhead)
+            rep, value = self.encoder(obs)
+            order, order_log_prob = self.get_order(rep, deterministic)
+            rep = gather_agents(rep, order)  # (B, N, E), reordered: position k holds agent sigma(k)
+            avail = gather_agents(avail, order)  # (B, N, A), the masks in the same order
+            B, N, _ = rep.shape
+            # Auto-regressive decoding, one position per step: step k runs the decoder on position k only and reads
+            # the keys and values of positions < k from a cache, so no work is repeated (same outputs as forward()).
+            caches = self.decoder.new_caches(B, N)
+            start = torch.zeros(B, dtype=torch.long, device=obs.device)
+            prev_action = F.one_hot(start, self.n_actions + 1).float()  # (B, A+1), the start token at k = 0
+            actions, log_probs = [], []
+            for k in range(N):
+                logits = masked_logits(self.decoder.step(prev_action, rep[:, k], caches, k), avail[:, k])  # (B, A)
+                log_p = logits.log_softmax(-1)  # (B, A); written out, as a Categorical object per step costs more
+                # Gumbel-max: argmax(log p + Gumbel noise) is an exact sample (the P-L sampler's trick with one pick)
+                noisy = log_p if deterministic else log_p - torch.log(torch.empty_like(log_p).exponential_())
+                action = noisy.argmax(-1)  # (B,)
+                actions.append(action)
+                log_probs.append(log_p.gather(1, action[:, None]).squeeze(1))
+                prev_action = F.one_hot(action + 1, self.n_actions + 1).float()  # action a -> column a + 1; sigma(k+1) sees it
+            action, log_prob = torch.stack(actions, 1), torch.stack(log_probs, 1)  # (B, N), in decision order
+            inverse = torch.argsort(order, dim=1)  # inverse[b, i] = position of agent i in the order
+            outputs = gather_agents(action, inverse), gather_agents(log_prob, inverse), value, order, order_log_prob
+        return tuple(x.clone() for x in outputs)  # inference tensors -> ordinary ones, usable in a training pass
 
     def evaluate(self, obs, action, avail, order):
         """Training pass: one teacher-forced decoder call over the stored actions, in the STORED order, so each
@@ -736,6 +767,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads)
+    torch.backends.mkldnn.enabled = False  # oneDNN sets up each call: slower than plain kernels on these tiny tensors
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but CUDA is not available; training on the CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

@@ -161,6 +161,7 @@ def train_run(script, args):
 def main():
     args = tyro.cli(Args)
     torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # as the scripts do
     torch.manual_seed(args.seed)
     script = {"mamujoco": "pmat_mamujoco.py", "smac": "pmat_smac.py", "grf": "pmat_grf.py"}[args.benchmark]
     module = importlib.import_module(script[:-3])

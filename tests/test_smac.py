@@ -67,12 +67,28 @@ def test_permuting_agents_permutes_greedy_actions():
     assert torch.equal(perm[sigma_p], sigma)  # the same agents act in the same order
 
 
+@pytest.mark.parametrize("n_agents", [1, 10])
+def test_cached_decoder_steps_equal_the_full_pass(n_agents):
+    """Decoder.step position by position (2 blocks, 2 heads, key/value caches) gives the full causal pass's logits
+    at every position, for the same one-hot inputs."""
+    agent = perturbed_agent("pmat")
+    torch.manual_seed(5)
+    prev = torch.nn.functional.one_hot(torch.randint(0, 6, (6, n_agents)), 6).float()
+    rep = torch.randn(6, n_agents, 16)
+    with torch.no_grad():
+        full = agent.decoder(prev, rep)  # (B, N, A)
+        caches = agent.decoder.new_caches(6, n_agents)
+        steps = torch.stack([agent.decoder.step(prev[:, k], rep[:, k], caches, k) for k in range(n_agents)], 1)
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("n_agents", [3, 10])
 def test_rollout_log_probs_equal_training_pass(order, n_agents):
     """For unchanged parameters the teacher-forced training pass (stored order, stored masks) reproduces the
     rollout's log-probs, for the actions and for the order: the first PPO ratio is exactly 1. With N = 10 this
-    also shows that decoding on the prefix equals the full-sequence pass, start token and one-hot shift included."""
+    also shows that decoding with the key/value cache equals the full-sequence pass, start token and one-hot
+    shift included."""
     agent = perturbed_agent(order)
     torch.manual_seed(3)
     obs, avail = torch.randn(16, n_agents, 7), random_masks(16, n_agents, 5)
