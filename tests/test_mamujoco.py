@@ -207,6 +207,25 @@ def test_same_seed_same_losses_other_seed_different(tmp_path):
     assert first != other
 
 
+def test_script_runs_with_compile(tmp_path):
+    """--compile end to end (the compiled functions themselves are checked in test_compiled_policy_and_loss_equal_eager);
+    without a C++ compiler it stops at once with a message that says what to install."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("g++"):
+        run_dir = str(tmp_path / "compiled")
+        result = run_script("pmat_mamujoco.py", *TINY, "--compile", "--run-dir", run_dir, "--eval-interval", "0")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "iter 2/2" in result.stdout and "losses/ranking_loss" in read_scalars(run_dir)
+    env = {**os.environ, "PATH": str(tmp_path), "CXX": "no-such-compiler"}  # no compiler on the PATH
+    result = subprocess.run([sys.executable, os.path.join(conftest.ROOT, "pmat_mamujoco.py"), *TINY, "--compile"],
+                            cwd=conftest.ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0 and "--compile on the CPU needs a C++ compiler" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("flags, bad, accepted", [
     (["--agent-conf", "3x3"], "'3x3'", "2x4d, 4x2, 8x1"),
     (["--scenario", "Spider"], "'Spider'", "HalfCheetah: 2x3, 6x1"),
@@ -252,3 +271,38 @@ def test_flat_parameters_train_exactly_like_separate_ones():
     plain = perturbed_agent("pmat", seed=1)
     plain.load_state_dict(agent.state_dict())
     torch.testing.assert_close(plain.evaluate(obs, action, order)[0], agent.evaluate(obs, action, order)[0])
+
+
+def test_compiled_policy_and_loss_equal_eager():
+    """--compile: torch.compile'd act (greedy) and ppo_loss give the eager values and gradients, and the compiled
+    policy follows in-place weight updates (the optimizer changes the flat parameters between calls)."""
+    import copy
+    import shutil
+
+    if not shutil.which("g++"):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    agent = perturbed_agent("pmat")
+    flat = pm.flatten_parameters(agent)
+    torch.manual_seed(7)
+    obs = torch.randn(6, 4, 7)
+    act = torch.compile(agent.act, dynamic=False)
+    for _ in range(2):
+        for a, b in zip(act(obs, deterministic=True), agent.act(obs, deterministic=True)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        with torch.no_grad():
+            flat.add_(0.05 * torch.randn_like(flat))  # an optimizer step, in place
+    # the loss: same value and same gradient
+    args = pm.Args(order="pmat")
+    action, log_prob, value, order, order_log_prob = agent.act(obs)
+    inputs = (obs, action, order, log_prob + 0.02, order_log_prob - 0.03, torch.randn(6, 4), torch.randn(6, 4), value)
+    grads = []
+    for loss_fn in (pm.ppo_loss, torch.compile(pm.ppo_loss, dynamic=False)):
+        flat.grad.zero_()
+        loss, stats = loss_fn(agent, args, *inputs)
+        loss.backward()
+        grads.append((loss.detach(), torch.stack(stats), flat.grad.clone()))
+    (loss_e, stats_e, grad_e), (loss_c, stats_c, grad_c) = grads
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats_c, stats_e, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-5)
+    assert grad_e.abs().max() > 1e-3 and stats_e[2].abs() > 0  # real gradients, and the ranking loss is in play
