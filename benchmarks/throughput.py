@@ -46,6 +46,8 @@ class Args:
     """training iterations (rollout + update) for the end-to-end measurement (0: skip)"""
     seed: int = 1
     """seed"""
+    compile: bool = False
+    """also measure with the scripts' --compile: torch.compile'd policy (rollout rows) and training run"""
 
 
 def config_flags(args):
@@ -90,11 +92,11 @@ class Runner:
             return scores.argmax(-1)
         return self.rng.integers(0, self.act_dim, (E, N))
 
-    def policy_action(self, agent):
+    def policy_action(self, act):
         obs = torch.as_tensor(self.obs)
         if self.bench == "smac":
-            return agent.act(obs, torch.as_tensor(self.avail, dtype=torch.bool))[0].numpy()
-        return agent.act(obs)[0].numpy()
+            return act(obs, torch.as_tensor(self.avail, dtype=torch.bool))[0].numpy()
+        return act(obs)[0].numpy()
 
     def step(self, action):
         if self.bench == "smac":
@@ -137,7 +139,7 @@ def decoder_ms_per_step(module, bench, n_agents, num_envs, obs_dim, act_dim, ord
     return best
 
 
-def train_run(script, args):
+def train_run(script, args, compile_flag=False):
     """Run the script's own training loop in this process; read its per-iteration timings from tensorboard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -147,7 +149,7 @@ def train_run(script, args):
     minibatches = probe.num_minibatches if batch % probe.num_minibatches == 0 else 1
     sys.argv = [script, *config_flags(args), "--num-envs", str(args.num_envs), "--num-minibatches", str(minibatches),
                 "--total-timesteps", str(args.train_iterations * batch), "--eval-interval", "0", "--run-dir", run_dir,
-                "--seed", str(args.seed)]
+                "--seed", str(args.seed)] + (["--compile"] if compile_flag else [])
     print("training:", " ".join(sys.argv))
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     acc = EventAccumulator(run_dir)
@@ -167,28 +169,41 @@ def main():
     module = importlib.import_module(script[:-3])
     runner = Runner(module, args)
     agents = {order: module.PMAT(runner.obs_dim, runner.act_dim, order) for order in ("pmat", "mat")}
-    rates = interleaved_rates(runner, {"env": runner.random_action,
-                                       "pmat": lambda: runner.policy_action(agents["pmat"]),
-                                       "mat": lambda: runner.policy_action(agents["mat"])}, args.steps, args.rounds)
+    choosers = {"env": runner.random_action,
+                "pmat": lambda: runner.policy_action(agents["pmat"].act),
+                "mat": lambda: runner.policy_action(agents["mat"].act)}
+    if args.compile:  # as the scripts' --compile does; compiled here, before the timed rounds
+        compiled = {order: torch.compile(agent.act, dynamic=False, options={"cpp_wrapper": True}) for order, agent in agents.items()}
+        choosers["pmat compiled"] = lambda: runner.policy_action(compiled["pmat"])
+        choosers["mat compiled"] = lambda: runner.policy_action(compiled["mat"])
+    rates = interleaved_rates(runner, choosers, args.steps, args.rounds)
     runner.envs.close()
-    rows = [("env-only steps/s (random actions)", rates["env"]),
-            ("rollout steps/s, --order pmat", rates["pmat"]),
-            ("rollout steps/s, --order mat", rates["mat"]),
-            ("rollout / env-only (pmat)", rates["pmat"] / rates["env"]),
-            ("rollout / env-only (mat)", rates["mat"] / rates["env"]),
-            ("rollout pmat / mat", rates["pmat"] / rates["mat"])]
+    E = args.num_envs
+    rows = [("env-only steps/s (random actions)", rates["env"])]
+    for suffix in ("", " compiled") if args.compile else ("",):
+        pmat, mat = rates["pmat" + suffix], rates["mat" + suffix]
+        rows += [(f"rollout steps/s, --order pmat{suffix}", pmat),
+                 (f"rollout steps/s, --order mat{suffix}", mat),
+                 (f"rollout / env-only (pmat{suffix})", pmat / rates["env"]),
+                 (f"rollout / env-only (mat{suffix})", mat / rates["env"]),
+                 (f"rollout pmat / mat{suffix}", pmat / mat),
+                 (f"  policy ms per rollout step, in the loop (pmat{suffix}: E/rollout - E/env-only)",
+                  (E / pmat - E / rates["env"]) * 1e3)]
     dec5 = decoder_ms_per_step(module, args.benchmark, 5, args.num_envs, runner.obs_dim, runner.act_dim)
     dec10 = decoder_ms_per_step(module, args.benchmark, 10, args.num_envs, runner.obs_dim, runner.act_dim)
     rows += [("policy ms per step, N=5 (synthetic)", dec5), ("policy ms per step, N=10 (synthetic)", dec10),
              ("N=10 / N=5", dec10 / dec5)]
-    if args.train_iterations > 0:
-        train = train_run(script, args)
+    for compile_flag in (False, True) if args.compile else (False,):
+        if args.train_iterations == 0:
+            break
+        train = train_run(script, args, compile_flag)
+        suffix = ", --compile" if compile_flag else ""
         per_minibatch = train["update_s"] / (train["epochs"] * train["minibatches"]) * 1e3
-        rows += [(f"PPO update s per iteration ({train['epochs']} epochs x {train['minibatches']} mini-batches)", train["update_s"]),
-                 ("  ms per mini-batch step", per_minibatch),
-                 (f"rollout s per iteration ({train['batch']} env steps)", train["rollout_s"]),
-                 ("training SPS (end to end, iterations 2+)", train["batch"] / (train["update_s"] + train["rollout_s"])),
-                 ("training SPS (script's charts/SPS, incl. start-up)", train["sps"])]
+        rows += [(f"PPO update s per iteration ({train['epochs']} epochs x {train['minibatches']} mini-batches{suffix})", train["update_s"]),
+                 (f"  ms per mini-batch step{suffix}", per_minibatch),
+                 (f"rollout s per iteration ({train['batch']} env steps{suffix})", train["rollout_s"]),
+                 (f"training SPS (end to end, iterations 2+{suffix})", train["batch"] / (train["update_s"] + train["rollout_s"])),
+                 (f"training SPS (script's charts/SPS, incl. start-up{suffix})", train["sps"])]
     rows.append(("peak RSS, this process (MiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     rows.append(("peak RSS, largest env subprocess (MiB)", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))
 
