@@ -535,11 +535,12 @@ def flatten_parameters(module):
     return flat_param
 
 
-def ppo_loss(agent, args, obs, actions, orders, old_log_probs, old_order_log_probs, advantages, targets, old_values):
-    """The loss of one PPO mini-batch of M samples: obs (M, N, obs_dim), actions (M, N, A), orders (M, N), and the
-    rollout's log-probs (M, N), order log-probs (M,), normalised advantages (M, N), value targets and values (M, N).
-    Returns the loss and the logged parts (policy, value, ranking, entropy, approx. KL, clip fraction)."""
-    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(obs, actions, orders)
+def ppo_loss(agent, args, evaluate_inputs, old_log_probs, old_order_log_probs, advantages, targets, old_values):
+    """The loss of one PPO mini-batch of M samples. evaluate_inputs: the mini-batch's arguments of agent.evaluate
+    (observations, actions, stored orders, ...); the rollout's log-probs (M, N), order log-probs (M,), normalised
+    advantages (M, N), value targets and values (M, N). Returns the loss and the logged parts (policy, value,
+    ranking, entropy, approx. KL, clip fraction)."""
+    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(*evaluate_inputs)
 
     # Policy loss, eq. 5-6: per-agent clipped ratio with the agent's advantage
     log_ratio = new_log_prob - old_log_probs
@@ -552,7 +553,7 @@ def ppo_loss(agent, args, obs, actions, orders, old_log_probs, old_order_log_pro
         rank_adv = advantages.mean(1)
         rank_loss = -torch.min(rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv).mean()
     else:
-        rank_loss = torch.zeros((), device=obs.device)
+        rank_loss = torch.zeros((), device=advantages.device)
 
     # Value loss: clipped, Huber, on normalised targets
     value_clipped = old_values + (new_value - old_values).clamp(-args.clip_coef, args.clip_coef)
@@ -721,7 +722,7 @@ if __name__ == "__main__":
             b_inds = torch.randperm(args.batch_size, device=device)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb = b_inds[start : start + args.minibatch_size]
-                loss, stats = loss_fn(agent, args, b_obs[mb], b_actions[mb], b_orders[mb], b_log_probs[mb],
+                loss, stats = loss_fn(agent, args, (b_obs[mb], b_actions[mb], b_orders[mb]), b_log_probs[mb],
                                       b_order_log_probs[mb], b_advantages[mb], b_targets[mb], b_values[mb])
                 optimizer.zero_grad(set_to_none=False)  # keep the flat gradient the parameters' grads are views of
                 loss.backward()

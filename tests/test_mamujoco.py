@@ -294,7 +294,7 @@ def test_compiled_policy_and_loss_equal_eager():
     # the loss: same value and same gradient
     args = pm.Args(order="pmat")
     action, log_prob, value, order, order_log_prob = agent.act(obs)
-    inputs = (obs, action, order, log_prob + 0.02, order_log_prob - 0.03, torch.randn(6, 4), torch.randn(6, 4), value)
+    inputs = ((obs, action, order), log_prob + 0.02, order_log_prob - 0.03, torch.randn(6, 4), torch.randn(6, 4), value)
     grads = []
     for loss_fn in (pm.ppo_loss, torch.compile(pm.ppo_loss, dynamic=False)):
         flat.grad.zero_()

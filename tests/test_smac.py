@@ -475,3 +475,33 @@ def test_missing_starcraft_ii_is_named(tmp_path, monkeypatch):
     assert backend == "smax" and "StarCraft II was not found" in why
     (tmp_path / "no_game_here" / "Versions").mkdir(parents=True)
     assert ps.sc2_problem() is None  # a game folder with Versions/ is what pysc2 looks for
+
+
+def test_compiled_policy_and_loss_equal_eager():
+    """--compile, discrete actions with masks: torch.compile'd greedy act and ppo_loss give the eager actions, loss,
+    logged parts and gradients."""
+    import shutil
+
+    if not shutil.which("g++"):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    agent = perturbed_agent("pmat")
+    flat = ps.flatten_parameters(agent)
+    torch.manual_seed(8)
+    obs, avail = torch.randn(6, 4, 7), random_masks(6, 4, 5)
+    act = torch.compile(agent.act, dynamic=False)
+    for a, b in zip(act(obs, avail, deterministic=True), agent.act(obs, avail, deterministic=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    args = ps.Args(order="pmat")
+    action, log_prob, value, order, order_log_prob = agent.act(obs, avail)
+    inputs = ((obs, action, avail, order), log_prob + 0.02, order_log_prob - 0.03, torch.randn(6, 4), torch.randn(6, 4), value)
+    results = []
+    for loss_fn in (ps.ppo_loss, torch.compile(ps.ppo_loss, dynamic=False)):
+        flat.grad.zero_()
+        loss, stats = loss_fn(agent, args, *inputs)
+        loss.backward()
+        results.append((loss.detach(), torch.stack(stats), flat.grad.clone()))
+    (loss_e, stats_e, grad_e), (loss_c, stats_c, grad_c) = results
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats_c, stats_e, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-5)
+    assert grad_e.abs().max() > 1e-3 and stats_e[2].abs() > 0
