@@ -40,7 +40,7 @@ class Args:
     """parallel envs, for every measurement"""
     steps: int = 100
     """vector-env steps per round of a speed measurement"""
-    rounds: int = 5
+    rounds: int = 8
     """env-only, pmat and mat are measured in turn, this many rounds; each keeps its best round (least disturbed)"""
     train_iterations: int = 3
     """training iterations (rollout + update) for the end-to-end measurement (0: skip)"""
@@ -122,20 +122,24 @@ def interleaved_rates(runner, choosers, steps, rounds):
     return best
 
 
-def decoder_ms_per_step(module, bench, n_agents, num_envs, obs_dim, act_dim, order="pmat", repeats=200):
-    """Milliseconds per agent.act call (encoder + order + N decoder passes) on synthetic inputs."""
-    agent = module.PMAT(obs_dim, act_dim, order)
-    obs = torch.randn(num_envs, n_agents, obs_dim)
-    avail = torch.ones(num_envs, n_agents, act_dim, dtype=torch.bool)
-    call = (lambda: agent.act(obs, avail)) if bench == "smac" else (lambda: agent.act(obs))
-    for _ in range(20):
-        call()
-    best = float("inf")
-    for _ in range(3):  # best of three blocks: least disturbed by other processes
-        start = time.perf_counter()
-        for _ in range(repeats):
-            call()
-        best = min(best, (time.perf_counter() - start) / repeats * 1e3)
+def decoder_ms_per_step(module, bench, agent_counts, num_envs, obs_dim, act_dim, order="pmat", repeats=200, rounds=7):
+    """Milliseconds per agent.act call (encoder + order + N decoder steps) on synthetic inputs, for each N in
+    agent_counts; the N are timed in turn for several rounds (best round each), so a busy moment hits all alike."""
+    calls = {}
+    for n_agents in agent_counts:
+        agent = module.PMAT(obs_dim, act_dim, order)
+        obs = torch.randn(num_envs, n_agents, obs_dim)
+        avail = torch.ones(num_envs, n_agents, act_dim, dtype=torch.bool)
+        calls[n_agents] = (lambda a=agent, o=obs, m=avail: a.act(o, m)) if bench == "smac" else (lambda a=agent, o=obs: a.act(o))
+        for _ in range(20):
+            calls[n_agents]()
+    best = {n: float("inf") for n in agent_counts}
+    for _ in range(rounds):
+        for n, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            best[n] = min(best[n], (time.perf_counter() - start) / repeats * 1e3)
     return best
 
 
@@ -189,8 +193,8 @@ def main():
                  (f"rollout pmat / mat{suffix}", pmat / mat),
                  (f"  policy ms per rollout step, in the loop (pmat{suffix}: E/rollout - E/env-only)",
                   (E / pmat - E / rates["env"]) * 1e3)]
-    dec5 = decoder_ms_per_step(module, args.benchmark, 5, args.num_envs, runner.obs_dim, runner.act_dim)
-    dec10 = decoder_ms_per_step(module, args.benchmark, 10, args.num_envs, runner.obs_dim, runner.act_dim)
+    dec = decoder_ms_per_step(module, args.benchmark, (5, 10), args.num_envs, runner.obs_dim, runner.act_dim)
+    dec5, dec10 = dec[5], dec[10]
     rows += [("policy ms per step, N=5 (synthetic)", dec5), ("policy ms per step, N=10 (synthetic)", dec10),
              ("N=10 / N=5", dec10 / dec5)]
     for compile_flag in (False, True) if args.compile else (False,):
