@@ -40,3 +40,20 @@ def perturbed_agent(module, order, obs_dim, act_dim, seed=0):
         for p in agent.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return agent
+
+
+def assert_compiled_loss_equals_eager(module, agent, flat, inputs):
+    """module.ppo_loss eager and torch.compile'd on the same mini-batch `inputs` (after agent and args): the same
+    loss, logged parts and gradient (in `flat`, from module.flatten_parameters)."""
+    args = module.Args(order="pmat")
+    results = []
+    for loss_fn in (module.ppo_loss, torch.compile(module.ppo_loss, dynamic=False)):
+        flat.grad.zero_()
+        loss, stats = loss_fn(agent, args, *inputs)
+        loss.backward()
+        results.append((loss.detach(), torch.stack(stats), flat.grad.clone()))
+    (loss_e, stats_e, grad_e), (loss_c, stats_c, grad_c) = results
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats_c, stats_e, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-5)
+    assert grad_e.abs().max() > 1e-3 and stats_e[2].abs() > 0  # real gradients, and the ranking loss is in play

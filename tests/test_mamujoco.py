@@ -292,17 +292,6 @@ def test_compiled_policy_and_loss_equal_eager():
         with torch.no_grad():
             flat.add_(0.05 * torch.randn_like(flat))  # an optimizer step, in place
     # the loss: same value and same gradient
-    args = pm.Args(order="pmat")
     action, log_prob, value, order, order_log_prob = agent.act(obs)
     inputs = ((obs, action, order), log_prob + 0.02, order_log_prob - 0.03, torch.randn(6, 4), torch.randn(6, 4), value)
-    grads = []
-    for loss_fn in (pm.ppo_loss, torch.compile(pm.ppo_loss, dynamic=False)):
-        flat.grad.zero_()
-        loss, stats = loss_fn(agent, args, *inputs)
-        loss.backward()
-        grads.append((loss.detach(), torch.stack(stats), flat.grad.clone()))
-    (loss_e, stats_e, grad_e), (loss_c, stats_c, grad_c) = grads
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(stats_c, stats_e, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-5)
-    assert grad_e.abs().max() > 1e-3 and stats_e[2].abs() > 0  # real gradients, and the ranking loss is in play
+    conftest.assert_compiled_loss_equals_eager(pm, agent, flat, inputs)
