@@ -42,8 +42,8 @@ class Args:
     torch_threads: int = 1
     """CPU threads for torch (1 is fastest for these small networks and leaves the cores to the envs)"""
     compile: bool = False
-    """if toggled, torch.compile the rollout policy and the PPO loss: about a minute at start-up (less when cached; a C++ compiler
-    is needed on the CPU), then a faster rollout and update (see README, Speed)"""
+    """if toggled, torch.compile the rollout policy and the PPO loss: about a minute at start-up (less when cached;
+    needs a C++ compiler on the CPU), then a faster rollout and update (see README, Speed)"""
     track: bool = False
     """if toggled, also log to Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "pmat"
@@ -514,7 +514,7 @@ def compute_gae(rewards, values, dones, bootstrap, next_value, gamma, gae_lambda
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation and checkpoints
+# PPO update: the clipped losses (eq. 5-6, 15-16) and the optimizer's flat parameters
 # ---------------------------------------------------------------------------------------------------------------
 def flatten_parameters(module):
     """Move all parameters of module, and their gradients, into one flat tensor each, and return that flat tensor
@@ -570,6 +570,9 @@ def ppo_loss(agent, args, evaluate_inputs, old_log_probs, old_order_log_probs, a
     return loss, (pg_loss.detach(), v_loss.detach(), rank_loss.detach(), entropy_loss.detach(), approx_kl, clipfrac)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation and checkpoints
+# ---------------------------------------------------------------------------------------------------------------
 def evaluate_policy(agent, env, episodes, device, seed=0):
     """Deterministic order and deterministic actions; returns the episodic returns."""
     returns = []

@@ -276,7 +276,6 @@ def test_flat_parameters_train_exactly_like_separate_ones():
 def test_compiled_policy_and_loss_equal_eager():
     """--compile: torch.compile'd act (greedy) and ppo_loss give the eager values and gradients, and the compiled
     policy follows in-place weight updates (the optimizer changes the flat parameters between calls)."""
-    import copy
     import shutil
 
     if not shutil.which("g++"):  # .ci/run installs it (build-essential, with gfootball's packages)
