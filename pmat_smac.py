@@ -13,20 +13,20 @@ SMAC actions are discrete and some are unavailable at each step (out of range, d
 masks them in the sampled order, so an unavailable action is never chosen.
 
 Two backends run the battles (their numbers are NOT comparable, the run's logged text says which one ran):
-  * sc2:  the real StarCraft II game through smacv2 (SMACv1 maps such as MMM2, 10m_vs_11m). Needs the game.
+  * sc2:  the real StarCraft II game through SMAC v1 (maps such as MMM2, 10m_vs_11m), one process per game.
   * smax: JaxMARL's SMAX, a pure-JAX re-implementation of SMAC that runs on the CPU (no medivac, so no MMM2).
-  * auto: sc2 when the game and smacv2 are installed, else smax.
+  * auto: sc2 when the game and SMAC v1 are installed, else smax.
 
 Run:  python pmat_smac.py --map MMM2 --cuda          (real game)
       python pmat_smac.py --map 10m_vs_11m --backend smax          (see --help for every flag)
 """
+import multiprocessing
 import os
 import random
 import shutil
+import signal
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -67,9 +67,17 @@ class Args:
 
     # Environment
     map: str = "MMM2"
-    """the SMAC map (sc2: any SMACv1 map of smacv2; smax: the maps SMAX knows, listed on a bad --map)"""
+    """the SMAC map (sc2: the SMAC v1 maps; smax: the maps SMAX knows; a bad --map lists both)"""
     backend: Literal["auto", "sc2", "smax"] = "auto"
-    """who plays the battles: sc2 = the real StarCraft II via smacv2, smax = JaxMARL's SMAX on the CPU, auto = sc2 if it can run"""
+    """who plays the battles: sc2 = the real StarCraft II via SMAC v1, smax = JaxMARL's SMAX on the CPU, auto = sc2 if it can run"""
+    obs_last_action: bool = True
+    """observations carry the previous actions (SMAC's obs_last_action, on in the reference runs)"""
+    obs_agent_id: bool = True
+    """observations end with the agent's one-hot id (on in the reference runs)"""
+    sc2_step_timeout: float = 120.0
+    """sc2 only: seconds a game may take to answer a step before it is killed and restarted (its battle counts as lost)"""
+    sc2_launch_timeout: float = 300.0
+    """sc2 only: seconds a game may take to launch and start its first battle"""
     smax_max_steps: int = 100
     """SMAX only: the episode time limit in env steps (JaxMARL's default)"""
     jax_cache_dir: str = "~/.cache/pmat_smac_jax"
@@ -126,39 +134,45 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Environment: the real StarCraft II (smacv2) or SMAX (JaxMARL), both as a vector of num_envs battles
+# Environment: the real StarCraft II (SMAC v1) or SMAX (JaxMARL), both as a vector of num_envs battles
 # ---------------------------------------------------------------------------------------------------------------
 # Both wrappers have the same interface, with N = allied agents and A = actions per agent:
 #   reset() -> obs (E, N, obs_dim) float32, avail (E, N, A) bool
 #   step(actions (E, N) int) -> obs, avail, reward (E,) float, done (E,) bool, won (E,) bool
 # A finished battle is reset inside step(): the obs and avail returned for it belong to the next battle. The
 # reward is the team's shared reward. A battle that hits the time limit counts as done and lost, as in SMAC.
-SC2_INSTALL = (
-    "To play the real game: (1) install the StarCraft II Linux package (https://github.com/Blizzard/s2client-proto"
-    "#downloads, unzip with the password 'iagreetotheeula' into ~/StarCraftII, or set SC2PATH to where it is), "
-    "(2) put the SMAC maps (https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip) into "
-    "$SC2PATH/Maps/SMAC_Maps, (3) pip install git+https://github.com/oxwhirl/smacv2.git"
-)
+#
+# The real game is played through SMAC v1 (github.com/oxwhirl/smac), the library the paper's authors used. smacv2
+# keeps these maps too, but its reset waits for the map to be empty while the v1 maps respawn both teams as soon as
+# it is (smacv2 issues #2 and #55): its second battle never starts. SMAC v1's reset kills the survivors and waits
+# for the respawn instead. The maps SMAC v1 knows, so that a bad --map is named before anything starts:
+SMAC_MAPS = ("3m", "8m", "25m", "5m_vs_6m", "8m_vs_9m", "10m_vs_11m", "27m_vs_30m", "MMM", "MMM2", "2s3z", "3s5z",
+             "3s5z_vs_3s6z", "3s_vs_3z", "3s_vs_4z", "3s_vs_5z", "1c3s5z", "2m_vs_1z", "corridor", "6h_vs_8z",
+             "2s_vs_1sc", "so_many_baneling", "bane_vs_bane", "2c_vs_64zg")
 MEDIVAC_MAPS = ("MMM", "MMM2")  # SMACv1 maps with Medivacs, a unit SMAX does not have
+SC2_INSTALL = "to play the real game, install StarCraft II, the SMAC maps and SMAC v1 as the README's section " \
+              "'Installing StarCraft II and SMAC' says (pip install -r requirements-sc2.txt, then SMAC from git)"
+
+
+def sc2_path():
+    return os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII"))  # where pysc2 looks for the game on Linux
 
 
 def sc2_problem():
-    """Why the real game cannot run here, or None if smacv2 and StarCraft II are both installed."""
-    import importlib.util
+    """Why the real game cannot run here, or None if SMAC v1 and StarCraft II are both installed."""
+    try:
+        from smac.env.starcraft2.maps import smac_maps  # noqa: F401 (SMAC v1; it loads pysc2's protobuf messages)
+    except ImportError as error:
+        return f"SMAC v1 is not installed ({error}; note that PyPI's `smac` is another project, SMAC3)"
+    except TypeError as error:  # protobuf >= 4 refuses the messages generated for pysc2: "Descriptors cannot be ..."
+        import google.protobuf
 
-    if importlib.util.find_spec("smacv2") is None:
-        return "smacv2 is not installed"
-    sc2_path = os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII"))
-    if not os.path.isdir(os.path.join(sc2_path, "Versions")):
+        return (f"SMAC's pysc2 cannot load its messages with protobuf {google.protobuf.__version__} ({str(error)[:60]}...); "
+                f"it needs protobuf<3.21: pip install -r requirements-sc2.txt")
+    if not os.path.isdir(os.path.join(sc2_path(), "Versions")):
         where = "SC2PATH" if "SC2PATH" in os.environ else "the default path (SC2PATH is not set)"
-        return f"StarCraft II was not found at {sc2_path}, {where}"
+        return f"StarCraft II was not found at {sc2_path()}, {where}"
     return None
-
-
-def sc2_maps():
-    from smacv2.env.starcraft2.maps import smac_maps
-
-    return sorted(smac_maps.get_smac_map_registry())
 
 
 def smax_maps():
@@ -179,27 +193,32 @@ def smax_map_error(map_name):
 
 
 def choose_backend(backend, map_name):
-    """Resolve --backend for --map -> ("sc2" or "smax", why); exits with a clear message when neither can run."""
-    if backend == "sc2":
-        problem = sc2_problem()
-        if problem:
-            sys.exit(f"error: --backend sc2 cannot run: {problem}. {SC2_INSTALL}")
-        if map_name not in sc2_maps():
-            sys.exit(f"error: unknown SMAC map {map_name!r}. smacv2 maps: {', '.join(sc2_maps())}")
-        return "sc2", "asked for with --backend sc2"
+    """Resolve --backend for --map -> ("sc2" or "smax", why); exits with one clear line when neither can run."""
+    if map_name.startswith("10gen_"):
+        sys.exit(f"error: --map {map_name} is one of smacv2's procedurally generated maps, which this script does not "
+                 f"play (they need smacv2's capability configs). SMAC maps: {', '.join(SMAC_MAPS)}")
+    if map_name not in SMAC_MAPS and map_name not in smax_maps():
+        sys.exit(f"error: unknown map {map_name!r}. SMAC maps (real game): {', '.join(SMAC_MAPS)}; "
+                 f"SMAX maps: {', '.join(smax_maps())}")
     if backend == "smax":
         if map_name not in smax_maps():
             sys.exit(f"error: {smax_map_error(map_name)}")
         return "smax", "asked for with --backend smax"
     problem = sc2_problem()
-    if problem is None and map_name in sc2_maps():
-        return "sc2", "smacv2 and StarCraft II are installed"
+    if backend == "sc2" or (problem is None and map_name in SMAC_MAPS):
+        if problem:
+            sys.exit(f"error: --backend sc2 cannot run: {problem}; {SC2_INSTALL}")
+        if map_name not in SMAC_MAPS:
+            sys.exit(f"error: {map_name!r} is a SMAX map, not a SMAC map: use --backend smax. SMAC maps: {', '.join(SMAC_MAPS)}")
+        map_file = os.path.join(sc2_path(), "Maps", "SMAC_Maps", f"{map_name}.SC2Map")
+        if not os.path.isfile(map_file):
+            sys.exit(f"error: the map file {map_file} is missing: unzip SMAC_Maps.zip "
+                     f"(https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip) into {os.path.dirname(os.path.dirname(map_file))}")
+        return "sc2", "asked for with --backend sc2" if backend == "sc2" else "SMAC v1 and StarCraft II are installed"
     if map_name in smax_maps():
-        return "smax", f"the real game cannot run: {problem}" if problem else f"{map_name} is a SMAX map that smacv2 does not have"
-    if problem:
-        sys.exit(f"error: --map {map_name} needs the real game, which cannot run: {problem}. {SC2_INSTALL}. "
-                 f"Without the game only SMAX maps run; {smax_map_error(map_name)}")
-    sys.exit(f"error: unknown map {map_name!r}. smacv2 maps: {', '.join(sc2_maps())}; SMAX maps: {', '.join(smax_maps())}")
+        return "smax", f"the real game cannot run: {problem}" if problem else f"{map_name} is a SMAX map that SMAC does not have"
+    sys.exit(f"error: --map {map_name} needs the real game, which cannot run: {problem}; {SC2_INSTALL}. "
+             f"Without the game only SMAX maps run; {smax_map_error(map_name)}")
 
 
 def setup_jax(cache_dir):
@@ -288,111 +307,168 @@ class SmaxVecEnv:
         pass
 
 
-def make_sc2_env(map_name, seed):
-    from smacv2.env import StarCraft2Env
+def sc2_worker(conn, map_name, seed, obs_last_action, obs_agent_id):
+    """One StarCraft II game (SMAC v1's StarCraft2Env) in a process of its own, driven through a pipe.
 
-    return StarCraft2Env(map_name=map_name, seed=seed)
+    One process per game, as in MAT: SMAC's Python code costs about a millisecond per step (more with protobuf's
+    pure-Python parser), which threads of one process would serialise on the GIL. Answers ("ok", result),
+    ("crash", why) when the game failed (then the main process replaces this worker and its game) or ("bug",
+    traceback) for an error in the code, which must not pass for a crash."""
+    os.setsid()  # a process group of its own, which the game it launches joins: killing the group kills both
+    from pysc2.lib import protocol, remote_controller, sc_process
+    from smac.env import StarCraft2Env
+    from websocket import WebSocketException
 
+    game_errors = (protocol.ConnectionError, protocol.ProtocolError, remote_controller.ConnectError,
+                   remote_controller.RequestError, sc_process.SC2LaunchError, WebSocketException, OSError)
+    env = StarCraft2Env(map_name=map_name, seed=seed, obs_last_action=obs_last_action)
+    info = env.get_env_info()
+    agent_id = np.eye(info["n_agents"], dtype=np.float32)  # (N, N): appended to the observations with obs_agent_id
 
-class Sc2GaveUp(RuntimeError):
-    pass
+    def observe():
+        obs = np.asarray(env.get_obs(), np.float32)  # (N, D)
+        return np.concatenate([obs, agent_id], 1) if obs_agent_id else obs, np.asarray(env.get_avail_actions()) > 0
+
+    conn.send(("ok", info))
+    while True:
+        try:
+            command, actions = conn.recv()
+        except EOFError:  # the main process is gone
+            command = "close"
+        try:
+            if command == "close":
+                env.close()
+                return
+            if command == "reset":  # the first one launches the game
+                env.reset()
+                conn.send(("ok", observe()))
+            else:
+                reward, terminated, info = env.step(actions)
+                if terminated and "battle_won" not in info:  # SMAC caught a lost connection itself: (0, True, {})
+                    raise protocol.ConnectionError("the connection to the game was lost (SMAC relaunched it itself)")
+                if terminated:
+                    env.reset()
+                conn.send(("ok", (*observe(), reward, terminated, info["battle_won"])))
+        except game_errors as error:
+            conn.send(("crash", f"{type(error).__name__}: {error}"))
+            return
+        except Exception:
+            import traceback
+
+            conn.send(("bug", traceback.format_exc()))
+            return
 
 
 class Sc2VecEnv:
-    """num_envs StarCraft II games (smacv2 StarCraft2Env), stepped in threads: each step mostly waits for its own
-    game process, so threads run the games in parallel. A game that crashes is started again: its battle counts
-    as lost, `restarts` counts it, and the run goes on. An AssertionError is not a crash (smacv2 asserts, e.g.,
-    that each action is available): it stops the run. env_fn(map_name, seed) builds one game (tests pass a
-    stand-in)."""
+    """num_envs StarCraft II games, one worker process each (sc2_worker). A game that crashes, or does not answer
+    within step_timeout seconds, is killed with its worker and replaced by a new one: its battle counts as lost,
+    `restarts` counts it, and the run goes on (after max_failures failed restarts in a row of one game, the run
+    stops with a message). An error in the code (for instance SMAC's assertion that an action is available) stops
+    the run with the worker's traceback."""
 
-    max_failures = 3  # failed restarts in a row of one game before the run gives up
+    max_failures = 3
 
-    def __init__(self, map_name, num_envs, seed, env_fn=make_sc2_env):
-        self.map_name, self.num_envs, self.seed, self.env_fn = map_name, num_envs, seed, env_fn
-        self.envs = [env_fn(map_name, seed + 1000 * e) for e in range(num_envs)]
-        info = self.envs[0].get_env_info()
-        self.n_agents, self.obs_dim, self.n_actions = info["n_agents"], info["obs_shape"], info["n_actions"]
-        self.restarts, self.lock = 0, threading.Lock()  # the games' threads all count their restarts here
-        self.pool = ThreadPoolExecutor(max_workers=num_envs)
+    def __init__(self, map_name, num_envs, seed, obs_last_action=True, obs_agent_id=True, step_timeout=120.0,
+                 launch_timeout=300.0):
+        self.map_name, self.num_envs, self.seed = map_name, num_envs, seed
+        self.options = (obs_last_action, obs_agent_id)
+        self.step_timeout, self.launch_timeout = step_timeout, launch_timeout
+        self.workers, self.conns, self.restarts = [None] * num_envs, [None] * num_envs, 0
+        for e in range(num_envs):
+            self._start(e, seed + 1000 * e)
+        info = [self._receive(e, launch_timeout) for e in range(num_envs)]  # each game's env info (nothing launched yet)
+        if any(status != "ok" for status, _ in info):
+            self.close()
+            sys.exit(f"error: StarCraft II game could not be set up: {next(why for status, why in info if status != 'ok')}")
+        info = info[0][1]
+        self.n_agents, self.n_actions = info["n_agents"], info["n_actions"]
+        self.obs_dim = info["obs_shape"] + (self.n_agents if obs_agent_id else 0)
 
-    def _count_restart(self, e, why):
-        with self.lock:
-            self.restarts += 1
-        print(f"warning: StarCraft II game {e}: {why}; restart {self.restarts}; its battle counts as lost", flush=True)
+    def _start(self, e, seed):
+        self.conns[e], child_conn = multiprocessing.Pipe()
+        self.workers[e] = multiprocessing.Process(target=sc2_worker, args=(child_conn, self.map_name, seed, *self.options),
+                                                  daemon=True)
+        self.workers[e].start()
+        child_conn.close()
 
-    def _observe(self, e):
-        env = self.envs[e]
-        return np.asarray(env.get_obs(), np.float32), np.asarray(env.get_avail_actions()) > 0  # (N, D), (N, A)
+    def _kill(self, e):
+        """Kill worker e and the game it launched (its process group)."""
+        for kill in (lambda pid: os.killpg(pid, signal.SIGKILL), lambda pid: os.kill(pid, signal.SIGKILL)):
+            try:
+                kill(self.workers[e].pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.workers[e].join()
+        self.conns[e].close()
 
-    def _restart(self, e, error):
-        """Replace a crashed game by a new one and start a battle in it; returns its (obs, avail)."""
+    def _receive(self, e, timeout):
+        """Worker e's answer -> ("ok", result) or ("crash", why); a bug in the code raises."""
+        if not self.conns[e].poll(timeout):
+            return "crash", f"the game did not answer within {timeout:.0f} s"
+        try:
+            status, result = self.conns[e].recv()
+        except EOFError:
+            return "crash", "its worker process died"
+        if status == "bug":
+            self.close()
+            raise RuntimeError(f"StarCraft II worker {e} failed with an error in the code (not a game crash):\n{result}")
+        return status, result
+
+    def _replace(self, e, why):
+        """Replace game e (crashed or hung) by a new game and start a battle in it -> its (obs, avail)."""
         for attempt in range(1, self.max_failures + 1):
-            self._count_restart(e, f"{type(error).__name__}: {error} (attempt {attempt} of {self.max_failures})")
-            try:
-                self.envs[e].close()
-            except Exception:
-                pass  # the process is already gone
-            try:
-                self.envs[e] = self.env_fn(self.map_name, self.seed + 1000 * e + 1_000_000 * self.restarts)
-                self.envs[e].reset()
-                return self._observe(e)
-            except AssertionError:
-                raise
-            except Exception as new_error:
-                error = new_error
-        raise Sc2GaveUp(f"StarCraft II game {e} failed to restart {self.max_failures} times in a row, last error: {error}")
+            self.restarts += 1
+            print(f"warning: StarCraft II game {e}: {why}; restart {self.restarts} (attempt {attempt} of "
+                  f"{self.max_failures}); its battle counts as lost", flush=True)
+            self._kill(e)
+            self._start(e, self.seed + 1000 * e + 1_000_000 * self.restarts)
+            status, why = self._receive(e, self.launch_timeout)
+            if status == "ok":
+                self.conns[e].send(("reset", None))
+                status, why = self._receive(e, self.launch_timeout)
+                if status == "ok":
+                    return why
+        self.close()
+        sys.exit(f"error: StarCraft II game {e} failed to restart {self.max_failures} times in a row; last: {why}")
 
-    def _reset_one(self, e):
-        try:
-            self.envs[e].reset()
-            return self._observe(e)
-        except AssertionError:
-            raise
-        except Exception as error:
-            return self._restart(e, error)
-
-    def _step_one(self, e, action):
-        """One game's step -> obs, avail, reward, done, won; a crash ends the battle as a loss."""
-        try:
-            reward, terminated, info = self.envs[e].step(action.tolist())
-            if terminated and "battle_won" not in info:
-                self._count_restart(e, "smacv2 restarted it itself")  # after a lost connection smacv2 returns (0, True, {})
-            won = bool(info.get("battle_won", False))
-            if terminated:
-                self.envs[e].reset()
-            return (*self._observe(e), float(reward), bool(terminated), won)
-        except AssertionError:
-            raise
-        except Exception as error:
-            return (*self._restart(e, error), 0.0, True, False)
-
-    def _gather(self, results):
-        try:
-            results = list(results)
-        except Sc2GaveUp as error:
-            sys.exit(f"error: {error}")
+    def _gather(self, timeout, crashed_result):
+        """Every worker's answer, waiting at most `timeout` seconds in all; crashed games are replaced afterwards."""
+        deadline = time.monotonic() + timeout
+        answers = [self._receive(e, max(0.0, deadline - time.monotonic())) for e in range(self.num_envs)]
+        results = [result if status == "ok" else (*self._replace(e, result), *crashed_result)
+                   for e, (status, result) in enumerate(answers)]
         return [np.stack(x) for x in zip(*results)]
 
     def reset(self):
-        return self._gather(self.pool.map(self._reset_one, range(self.num_envs)))
+        for conn in self.conns:
+            conn.send(("reset", None))
+        return self._gather(self.launch_timeout, ())
 
-    def step(self, actions):
-        obs, avail, reward, done, won = self._gather(self.pool.map(self._step_one, range(self.num_envs), actions))
+    def step(self, actions):  # actions (E, N) int
+        for conn, action in zip(self.conns, actions):
+            conn.send(("step", action.tolist()))
+        obs, avail, reward, done, won = self._gather(self.step_timeout, (0.0, True, False))  # a crash: a lost battle
         return obs, avail, reward.astype(np.float32), done, won
 
     def close(self):
-        self.pool.shutdown()
-        for env in self.envs:
-            try:
-                env.close()
-            except Exception:
-                pass
+        for e, conn in enumerate(self.conns):
+            if self.workers[e] is not None and self.workers[e].is_alive():
+                try:
+                    conn.send(("close", None))  # SMAC quits its game
+                except (BrokenPipeError, OSError):
+                    pass
+        for e, worker in enumerate(self.workers):
+            if worker is not None:
+                worker.join(timeout=10)
+                self._kill(e)  # whatever is left, the game included
+        self.workers = [None] * self.num_envs
 
 
 def make_envs(args, backend, num_envs, seed):
     """The vector of num_envs battles of --map on the chosen backend."""
     if backend == "sc2":
-        return Sc2VecEnv(args.map, num_envs, seed)
+        return Sc2VecEnv(args.map, num_envs, seed, args.obs_last_action, args.obs_agent_id, args.sc2_step_timeout,
+                         args.sc2_launch_timeout)
     return SmaxVecEnv(args.map, num_envs, seed, args.smax_max_steps)
 
 
@@ -798,6 +874,9 @@ if __name__ == "__main__":
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "smax_max_steps", "eval_episodes"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("sc2_step_timeout", "sc2_launch_timeout"):
+        if not getattr(args, name) > 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be a number of seconds above 0, got {getattr(args, name)}")
     backend, why = choose_backend(args.backend, args.map)
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % args.num_minibatches != 0:

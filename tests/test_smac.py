@@ -1,7 +1,9 @@
-"""PMAT with discrete, masked actions and the SMAC script: the real SMAX backend (JaxMARL, CPU) and the sc2 wrapper
-against a stand-in of smacv2's StarCraft2Env (the StarCraft II binary cannot be installed on these machines)."""
+"""PMAT with discrete, masked actions and the SMAC script on the real SMAX backend (JaxMARL, CPU). The real-game
+backend (SMAC v1 against a fake StarCraft II binary) is tested in tests/test_sc2.py."""
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -173,185 +175,34 @@ def test_defaults_are_the_smac_hyper_parameters():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The sc2 wrapper against a stand-in of smacv2's StarCraft2Env
+# Evaluation (the real-game wrapper has its own file, tests/test_sc2.py)
 # ---------------------------------------------------------------------------------------------------------------
-class StandInStarCraft2Env:
-    """A stand-in for smacv2's `StarCraft2Env`, because the StarCraft II game binary cannot be installed on these
-    machines. It follows smacv2's documented API: get_env_info(), reset() -> (obs, state), get_obs() (a list, one
-    array per agent), get_state(), get_avail_actions() (a list of 0/1 lists), step(actions) -> (reward, terminated,
-    info) with info["battle_won"] at the end of a battle, close(), and it asserts like smacv2 that each action is
-    available. Its battles are scripted: battle b (counted per game) lasts 2 + b % 3 steps and is won when b is
-    odd; the reward of a step is the sum of the actions / 100; agent 2 is dead (only the no-op 0) from step 1 on."""
+class ScriptedBattles:
+    """A vector of 2 envs with the wrappers' interface and scripted battles, so that evaluate_policy's bookkeeping
+    can be checked by hand: battle b of each env (counted from 1) lasts 2 + b % 3 steps with reward 1 per step and
+    is won when b is odd."""
 
-    n_agents, n_actions, obs_shape = 3, 6, 5
-
-    def __init__(self, map_name, seed):
-        self.map_name, self.seed = map_name, seed
-        self.battle, self.t, self.closed, self.steps = 0, 0, False, 0
-        self.battles_won = 0
-
-    def get_env_info(self):
-        return {"n_agents": self.n_agents, "n_actions": self.n_actions, "obs_shape": self.obs_shape,
-                "state_shape": 4, "episode_limit": 10}
+    num_envs, n_agents, n_actions = 2, 3, 6
 
     def reset(self):
-        self.battle += 1
-        self.t = 0
-        return self.get_obs(), self.get_state()
-
-    def get_obs(self):
-        return [np.array([self.seed, self.battle, self.t, i, 1.0], np.float32) for i in range(self.n_agents)]
-
-    def get_state(self):
-        return np.array([self.seed, self.battle, self.t, 0.0], np.float32)
-
-    def get_avail_agent_actions(self, i):
-        if i == 2 and self.t >= 1:
-            return [1, 0, 0, 0, 0, 0]  # dead: the no-op only
-        return [0] + [int((a + self.t + i) % 3 != 0) for a in range(1, self.n_actions)]
-
-    def get_avail_actions(self):
-        return [self.get_avail_agent_actions(i) for i in range(self.n_agents)]
+        self.battle, self.t = np.ones(2, int), np.zeros(2, int)
+        return np.zeros((2, 3, 5), np.float32), np.ones((2, 3, 6), bool)
 
     def step(self, actions):
-        assert not self.closed
-        for i, a in enumerate(actions):
-            assert self.get_avail_agent_actions(i)[a] == 1, f"Agent {i} cannot perform action {a}"
         self.t += 1
-        self.steps += 1
-        terminated = self.t >= 2 + self.battle % 3
-        info = {"battle_won": terminated and self.battle % 2 == 1, "dead_allies": int(self.t >= 1), "dead_enemies": 0}
-        if terminated:
-            self.battles_won += int(info["battle_won"])
-        return sum(actions) / 100, terminated, info
-
-    def close(self):
-        self.closed = True
-
-
-class CrashingStarCraft2Env(StandInStarCraft2Env):
-    """The StarCraft II process dies during its 4th step (the socket to it breaks)."""
-
-    def step(self, actions):
-        if self.steps == 3:
-            raise ConnectionResetError("StarCraft II process died")
-        return super().step(actions)
-
-
-class Factory:
-    """env_fn for Sc2VecEnv: records every game it builds. The first num_envs calls build the envs' games in order;
-    env crash_env's first game crashes; with broken=True no game can be started after that."""
-
-    def __init__(self, num_envs, crash_env=None, broken=False):
-        self.num_envs, self.crash_env, self.broken, self.made = num_envs, crash_env, broken, []
-
-    def __call__(self, map_name, seed):
-        if self.broken and len(self.made) >= self.num_envs:
-            raise OSError("cannot launch StarCraft II")
-        cls = CrashingStarCraft2Env if len(self.made) == self.crash_env else StandInStarCraft2Env
-        self.made.append(cls(map_name, seed))
-        return self.made[-1]
-
-
-def first_available(avail):
-    return avail.argmax(-1)  # (E, N)
-
-
-def test_sc2_wrapper_contract():
-    """Shapes, dtypes, actions reaching their game, rewards, battle_won, auto-reset after a battle."""
-    factory = Factory(2)
-    envs = ps.Sc2VecEnv("3m", 2, seed=7, env_fn=factory)
-    assert (envs.n_agents, envs.obs_dim, envs.n_actions) == (3, 5, 6)
-    obs, avail = envs.reset()
-    assert obs.shape == (2, 3, 5) and obs.dtype == np.float32 and avail.shape == (2, 3, 6) and avail.dtype == bool
-    assert obs[:, 0, 0].tolist() == [7, 1007]  # one game per env, seeded seed + 1000 * env
-    assert obs[:, 0, 1].tolist() == [1, 1]  # battle 1 started
-    # battle 1 lasts 3 steps and is won; every step's reward is sum(actions) / 100
-    for t in range(3):
-        action = first_available(avail)
-        obs, avail, reward, done, won = envs.step(action)
-        np.testing.assert_allclose(reward, action.sum(1) / 100, rtol=1e-6)
-        assert reward.dtype == np.float32
-        assert done.tolist() == [t == 2] * 2 and won.tolist() == [t == 2] * 2
-    assert obs[:, 0, 1].tolist() == [2, 2] and obs[:, 0, 2].tolist() == [0, 0]  # already reset into battle 2
-    assert avail[:, 2].any(-1).all()
-    # battle 2 lasts 4 steps and is lost
-    for t in range(4):
-        obs, avail, reward, done, won = envs.step(first_available(avail))
-        assert done.tolist() == [t == 3] * 2 and not won.any()
-        if t < 3:
-            assert avail[:, 2].tolist() == [[True, False, False, False, False, False]] * 2  # dead agent: no-op only
-    assert envs.restarts == 0 and len(factory.made) == 2
-    envs.close()
-    assert all(env.closed for env in factory.made)
-
-
-def test_sc2_wrapper_restarts_a_crashed_game():
-    """Env 1's game dies mid-battle: its battle ends as lost (done, not won, reward 0), the dead game is closed,
-    a new game is made and reset, the restart is counted, env 0 is unaffected, and the run goes on."""
-    factory = Factory(2, crash_env=1)
-    envs = ps.Sc2VecEnv("3m", 2, seed=0, env_fn=factory)
-    obs, avail = envs.reset()
-    history = []
-    for t in range(8):
-        action = first_available(avail)
-        obs, avail, reward, done, won = envs.step(action)
-        history.append((done.tolist(), won.tolist(), reward.tolist()))
-    # steps 1-3 finish battle 1 (won) in both games; step 4 is the crash in env 1
-    assert history[2][0] == [True, True] and history[2][1] == [True, True]
-    assert history[3][0] == [False, True] and history[3][1] == [False, False] and history[3][2][1] == 0.0
-    assert envs.restarts == 1 and len(factory.made) == 3
-    crashed, replacement = factory.made[1], factory.made[2]
-    assert crashed.closed and not replacement.closed and replacement.battle >= 1
-    assert envs.envs[1] is replacement and replacement.steps == 4  # the run went on in the new game
-    assert factory.made[0].steps == 8  # env 0 never noticed
-
-
-def test_sc2_wrapper_counts_smacv2_own_restart():
-    """smacv2 restarts a game itself after a lost connection and returns (0, True, {}): a lost battle, counted."""
-
-    class SelfRestarting(StandInStarCraft2Env):
-        def step(self, actions):
-            if self.steps == 0:
-                self.steps += 1
-                return 0, True, {}
-            return super().step(actions)
-
-    envs = ps.Sc2VecEnv("3m", 1, seed=0, env_fn=SelfRestarting)
-    _, avail = envs.reset()
-    _, _, reward, done, won = envs.step(first_available(avail))
-    assert done.tolist() == [True] and won.tolist() == [False] and envs.restarts == 1
-
-
-def test_sc2_wrapper_gives_up_with_a_clear_message():
-    """If the game cannot be started again, the run stops with a message instead of looping forever."""
-    envs = ps.Sc2VecEnv("3m", 2, seed=0, env_fn=Factory(2, crash_env=0, broken=True))
-    _, avail = envs.reset()
-    with pytest.raises(SystemExit) as exit_info:
-        for _ in range(5):
-            _, avail, *_ = envs.step(first_available(avail))
-    message = str(exit_info.value.code)
-    assert message.startswith("error:") and "failed to restart 3 times" in message and "cannot launch" in message
-
-
-def test_sc2_wrapper_does_not_hide_an_unavailable_action():
-    """smacv2 asserts that each action is available; that is a bug in the caller, not a crash to restart."""
-    envs = ps.Sc2VecEnv("3m", 1, seed=0, env_fn=StandInStarCraft2Env)
-    envs.reset()
-    with pytest.raises(AssertionError, match="cannot perform"):
-        envs.step(np.zeros((1, 3), dtype=np.int64))  # the no-op 0 is only for dead agents
-    assert envs.restarts == 0
+        done = self.t >= 2 + self.battle % 3
+        won = done & (self.battle % 2 == 1)
+        self.battle += done
+        self.t[done] = 0
+        return np.zeros((2, 3, 5), np.float32), np.ones((2, 3, 6), bool), np.ones(2, np.float32), done, won
 
 
 def test_evaluation_plays_exactly_the_asked_battles():
-    """evaluate_policy on the stand-in: 5 battles over 2 envs (quotas 3 and 2); the stand-in's script fixes which
-    battles are won (odd ones) and their returns, so the answer is known by hand."""
-    envs = ps.Sc2VecEnv("3m", 2, seed=0, env_fn=StandInStarCraft2Env)
-    agent = perturbed_agent("pmat", obs_dim=5, n_actions=6)
-    wins, returns = ps.evaluate_policy(agent, envs, 5, "cpu")
-    assert len(wins) == 5 and len(returns) == 5
-    assert sorted(wins) == sorted([True, False, True, True, False])  # env 0: battles 1, 2, 3; env 1: battles 1, 2
-    assert all(r > 0 for r in returns)
+    """5 battles over 2 envs: env 0 plays its battles 1-3 (returns 3, 4, 2; won, lost, won), env 1 its battles 1-2
+    (3, 4; won, lost); the battles that finish beyond an env's quota are not counted."""
+    wins, returns = ps.evaluate_policy(perturbed_agent("pmat", obs_dim=5, n_actions=6), ScriptedBattles(), 5, "cpu")
+    assert sorted(wins) == sorted([True, False, True, True, False])
+    assert sorted(returns) == [2, 3, 3, 4, 4]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -430,8 +281,8 @@ def test_script_runs_on_smax_and_logs(order, tmp_path):
 
 @pytest.mark.parametrize("backend, map_name, expected", [
     ("smax", "MMM2", ["error: map 'MMM2' is not in SMAX", "no medivac", "SMAX maps: 3m", "10m_vs_11m"]),
-    ("smax", "4m_vs_nothing", ["error: unknown SMAX map '4m_vs_nothing'", "SMAX maps: 3m, 2s3z"]),
-    ("auto", "4m_vs_nothing", ["error: --map 4m_vs_nothing needs the real game", "smacv2 is not installed", "SMAX maps: 3m"]),
+    ("smax", "4m_vs_nothing", ["error: unknown map '4m_vs_nothing'", "SMAC maps (real game): 3m", "SMAX maps: 3m, 2s3z"]),
+    ("auto", "4m_vs_nothing", ["error: unknown map '4m_vs_nothing'", "SMAC maps (real game): 3m", "SMAX maps: 3m"]),
 ])
 def test_maps_smax_cannot_play_are_refused_by_name(backend, map_name, expected):
     """In-process (no subprocess start-up): the message sys.exit prints, naming the map and the maps there are."""
@@ -442,39 +293,23 @@ def test_maps_smax_cannot_play_are_refused_by_name(backend, map_name, expected):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--map", "MMM2", "--cuda"], ["needs the real game", "smacv2 is not installed", "pip install git+https://github.com/oxwhirl/smacv2.git",
-                                   "StarCraftII", "no medivac", "SMAX maps: 3m"]),
-    (["--map", "3m", "--backend", "sc2"], ["--backend sc2 cannot run", "smacv2 is not installed", "SC2PATH",
-                                           "pip install git+https://github.com/oxwhirl/smacv2.git"]),
+    (["--map", "MMM2", "--cuda"], ["needs the real game", "Installing StarCraft II and SMAC", "no medivac", "SMAX maps: 3m"]),
+    (["--map", "3m", "--backend", "sc2"], ["--backend sc2 cannot run", "Installing StarCraft II and SMAC"]),
+    (["--map", "foo"], ["error: unknown map 'foo'", "SMAC maps (real game): 3m", "SMAX maps: 3m"]),
     (["--backend", "bogus"], ["bogus", "auto", "sc2", "smax"]),
     (["--map", "3m", "--num-envs", "0"], ["error: --num-envs must be at least 1, got 0"]),
+    (["--map", "3m", "--sc2-step-timeout", "0"], ["error: --sc2-step-timeout must be a number of seconds above 0, got 0.0"]),
 ])
-def test_bad_input_gives_a_clear_message(flags, expected):
+def test_bad_input_gives_a_clear_message(flags, expected, tmp_path):
     """As users run it: `--map MMM2 --cuda` without the game (the README's command), the sc2 backend without the
-    game, a backend that does not exist, no envs: a message, a non-zero exit, no traceback."""
-    result = run_script("pmat_smac.py", *flags)
+    game, a map nobody has, a backend that does not exist, no envs: a message, a non-zero exit, no traceback."""
+    env = dict(os.environ, SC2PATH=str(tmp_path / "no_game_here"))  # whatever this machine has installed
+    result = subprocess.run([sys.executable, os.path.join(conftest.ROOT, "pmat_smac.py"), *flags], cwd=conftest.ROOT,
+                            capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode != 0
     for text in expected:
         assert text in result.stderr, f"{text!r} not in: {result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr
-
-
-def test_missing_starcraft_ii_is_named(tmp_path, monkeypatch):
-    """With smacv2 importable but no game at SC2PATH, the message names the path and says how to install the game.
-    (smacv2 is a stand-in package here: an empty module on sys.path, since smacv2 itself needs the game.)"""
-    (tmp_path / "smacv2").mkdir()
-    (tmp_path / "smacv2" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("SC2PATH", str(tmp_path / "no_game_here"))
-    assert "StarCraft II was not found at" in ps.sc2_problem() and "no_game_here" in ps.sc2_problem()
-    with pytest.raises(SystemExit) as exit_info:
-        ps.choose_backend("sc2", "10m_vs_11m")
-    assert "no_game_here" in exit_info.value.code and "s2client-proto" in exit_info.value.code
-    # auto falls back to SMAX for a map SMAX has, and says why
-    backend, why = ps.choose_backend("auto", "10m_vs_11m")
-    assert backend == "smax" and "StarCraft II was not found" in why
-    (tmp_path / "no_game_here" / "Versions").mkdir(parents=True)
-    assert ps.sc2_problem() is None  # a game folder with Versions/ is what pysc2 looks for
 
 
 def test_compiled_policy_and_loss_equal_eager():
