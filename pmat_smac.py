@@ -20,6 +20,7 @@ Two backends run the battles (their numbers are NOT comparable, the run's logged
 Run:  python pmat_smac.py --map MMM2 --cuda          (real game)
       python pmat_smac.py --map 10m_vs_11m --backend smax          (see --help for every flag)
 """
+import atexit
 import multiprocessing
 import os
 import random
@@ -383,6 +384,7 @@ class Sc2VecEnv:
         info = info[0][1]
         self.n_agents, self.n_actions = info["n_agents"], info["n_actions"]
         self.obs_dim = info["obs_shape"] + (self.n_agents if obs_agent_id else 0)
+        atexit.register(self.close)  # no game outlives the run, even one that ends with an exception
 
     def _start(self, e, seed):
         self.conns[e], child_conn = multiprocessing.Pipe()

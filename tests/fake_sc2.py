@@ -232,7 +232,7 @@ def main(argv):
                 connection.send(response.SerializeToString())
         except ConnectionClosed:
             pass
-        server.shutdown()  # quit or a closed connection ends the game, as SC2 exits when its client leaves
+        os._exit(0)  # quit or a closed connection: the game process exits (no closing handshake)
 
     with serve(handler, flags["-listen"], int(flags["-port"]), max_size=None, compression=None) as server:
         server.serve_forever()
