@@ -326,9 +326,12 @@ def sc2_worker(conn, map_name, seed, obs_last_action, obs_agent_id):
     info = env.get_env_info()
     agent_id = np.eye(info["n_agents"], dtype=np.float32)  # (N, N): appended to the observations with obs_agent_id
 
-    def observe():
-        obs = np.asarray(env.get_obs(), np.float32)  # (N, D)
-        return np.concatenate([obs, agent_id], 1) if obs_agent_id else obs, np.asarray(env.get_avail_actions()) > 0
+    def observe():  # SMAC's observation (with obs_last_action: the visible allies' previous actions), then the
+        # agent's own previous action (as in MAT's SMAC env; zeros in a fresh battle) and its one-hot id
+        obs = [np.asarray(env.get_obs(), np.float32)]  # (N, D)
+        obs += [env.last_action.astype(np.float32)] if obs_last_action else []  # (N, A)
+        obs += [agent_id] if obs_agent_id else []  # (N, N)
+        return np.concatenate(obs, 1), np.asarray(env.get_avail_actions()) > 0
 
     conn.send(("ok", info))
     while True:
@@ -383,7 +386,7 @@ class Sc2VecEnv:
             sys.exit(f"error: StarCraft II game could not be set up: {next(why for status, why in info if status != 'ok')}")
         info = info[0][1]
         self.n_agents, self.n_actions = info["n_agents"], info["n_actions"]
-        self.obs_dim = info["obs_shape"] + (self.n_agents if obs_agent_id else 0)
+        self.obs_dim = info["obs_shape"] + (self.n_actions if obs_last_action else 0) + (self.n_agents if obs_agent_id else 0)
         atexit.register(self.close)  # no game outlives the run, even one that ends with an exception
 
     def _start(self, e, seed):

@@ -87,8 +87,9 @@ def test_battles_end_and_begin_again(fake_game):
 
 
 def test_observations_carry_agent_id_and_last_actions(fake_game):
-    """obs = SMAC's observation with obs_last_action (each visible ally's previous action, one-hot) + the agent's
-    one-hot id. The previous actions are zeros in a fresh battle, also after the in-step auto-reset."""
+    """obs = SMAC's observation with obs_last_action (each visible ally's previous action, one-hot) + the agent's own
+    previous action + its one-hot id. The previous actions are zeros in a fresh battle, also after the in-step
+    auto-reset."""
     from smac.env import StarCraft2Env
 
     sizes = StarCraft2Env(map_name="3m", obs_last_action=True)  # sizes only: nothing is launched
@@ -96,19 +97,19 @@ def test_observations_carry_agent_id_and_last_actions(fake_game):
     start = sizes.get_obs_move_feats_size() + int(np.prod(sizes.get_obs_enemy_feats_size()))
     n_allies, ally_feats = sizes.get_obs_ally_feats_size()
 
-    def last_actions(obs):  # (E, N, allies, A): the previous-action block of each ally's features
+    def last_actions(obs):  # (E, N, allies + 1, A): each ally's previous action, then the agent's own
         allies = obs[..., start: start + n_allies * ally_feats].reshape(*obs.shape[:2], n_allies, ally_feats)
-        return allies[..., -n_actions:]
+        return np.concatenate([allies[..., -n_actions:], obs[..., None, -3 - n_actions: -3]], 2)
 
     envs = ps.Sc2VecEnv("3m", 2, seed=0)
     try:
         obs, avail = envs.reset()
-        assert obs.shape[-1] == sizes.get_obs_size() + 3
+        assert obs.shape[-1] == sizes.get_obs_size() + n_actions + 3
         np.testing.assert_array_equal(obs[..., -3:], np.broadcast_to(np.eye(3), (2, 3, 3)))
         assert not last_actions(obs).any()
         obs, avail, *_ = envs.step(np.ones((2, 3), int))  # everyone stops: each visible ally's last action is 1
         np.testing.assert_array_equal(last_actions(obs).argmax(-1), 1)
-        assert last_actions(obs).sum() == 2 * 3 * 2
+        assert last_actions(obs).sum() == 2 * 3 * 3  # 2 envs x 3 agents x (2 allies + itself)
         rng, checked = np.random.default_rng(1), 0
         for _ in range(200):
             obs, avail, reward, done, won = envs.step(random_actions(avail, rng))
