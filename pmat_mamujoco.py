@@ -43,7 +43,7 @@ class Args:
     """CPU threads for torch (1 is fastest for these small networks and leaves the cores to the envs)"""
     compile: bool = False
     """if toggled, torch.compile the rollout policy and the PPO loss: about a minute at start-up (less when cached;
-    needs a C++ compiler on the CPU), then a faster rollout and update (see README, Speed)"""
+    needs a C++ compiler on the CPU, a C compiler on the GPU), then a faster rollout and update (see README, Speed)"""
     track: bool = False
     """if toggled, also log to Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "pmat"
@@ -181,7 +181,8 @@ class MaMuJoCoEnv(gym.Env):
         return obs
 
     def reset(self, *, seed=None, options=None):
-        obs, _ = self.env.reset(seed=seed)
+        super().reset(seed=seed)  # gymnasium's contract: a seed (re)seeds self.np_random
+        obs, _ = self.env.reset(seed=seed)  # MuJoCo's initial-state noise: the same seed, so a seed fixes the episode
         return self._obs(obs), {"state": self.env.state().astype(np.float32)}
 
     def step(self, action):
@@ -596,6 +597,21 @@ def load_agent(path, device="cpu"):
     return agent.to(device).eval(), a
 
 
+def check_compiler(device):
+    """--compile builds native code at start-up: on the CPU, inductor compiles C++ with $CXX, else g++ (clang++ on
+    macOS); on the GPU, Triton compiles a C launcher for its kernels with $CC, else gcc or clang. Exit with one line
+    when that compiler is missing, instead of a long traceback from inside the first compiled call."""
+    if device.type == "cpu":
+        need, variable, package = "on the CPU needs a C++ compiler", "CXX", "g++"
+        compilers = [os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")]
+    else:
+        need, variable, package = "on the GPU needs a C compiler (for Triton)", "CC", "gcc"
+        compilers = [os.environ["CC"]] if "CC" in os.environ else ["gcc", "clang"]
+    if not any(shutil.which(compiler) for compiler in compilers):
+        sys.exit(f"error: --compile {need}: {' or '.join(map(repr, compilers))} not found (e.g. apt install "
+                 f"{package}, or set ${variable}); or run without --compile")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_env_args(args.scenario, args.agent_conf)
@@ -630,8 +646,8 @@ if __name__ == "__main__":
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but CUDA is not available; training on the CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.compile and device.type == "cpu" and not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "g++", "clang++")):
-        sys.exit("error: --compile on the CPU needs a C++ compiler (e.g. apt install g++); or run without --compile")
+    if args.compile:
+        check_compiler(device)
 
     # Env setup
     async_envs = args.async_envs and args.num_envs > 1

@@ -226,6 +226,40 @@ def test_script_runs_with_compile(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_compile_checks_the_compiler_of_its_device(tmp_path, monkeypatch):
+    """check_compiler (shared by the three scripts): the CPU path needs the C++ compiler inductor calls ($CXX, else
+    g++), the GPU path the C compiler Triton calls ($CC, else gcc or clang); a missing one is one `error:` line
+    (sys.exit: exit status 1). The GPU path is checked here with a torch.device("cuda"), which needs no GPU."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("PATH", str(tmp_path))  # only the fake compilers made below
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+
+    def error(device):
+        with pytest.raises(SystemExit) as exit_info:
+            pm.check_compiler(device)
+        message = str(exit_info.value.code)
+        assert message.startswith("error: --compile ") and "\n" not in message and "run without --compile" in message
+        return message
+
+    def fake_compiler(name):
+        path = tmp_path / name
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+
+    assert "on the CPU needs a C++ compiler: 'g++' not found" in error(cpu)
+    assert "on the GPU needs a C compiler (for Triton): 'gcc' or 'clang' not found" in error(gpu)
+    fake_compiler("clang")
+    pm.check_compiler(gpu)  # Triton takes clang when there is no gcc
+    assert "'g++' not found" in error(cpu)  # a C compiler is not enough for inductor's C++
+    fake_compiler("g++")
+    pm.check_compiler(cpu)
+    monkeypatch.setenv("CXX", "clang++")  # inductor calls $CXX only: g++ on the PATH does not help
+    assert "'clang++' not found" in error(cpu) and "$CXX" in error(cpu)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert f"'{tmp_path / 'no-such-cc'}' not found" in error(gpu) and "$CC" in error(gpu)
+
+
 @pytest.mark.parametrize("flags, bad, accepted", [
     (["--agent-conf", "3x3"], "'3x3'", "2x4d, 4x2, 8x1"),
     (["--scenario", "Spider"], "'Spider'", "HalfCheetah: 2x3, 6x1"),
