@@ -28,7 +28,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, Optional
 
 import numpy as np
@@ -65,6 +65,12 @@ class Args:
     """if toggled, save the model to `{run_dir}/{exp_name}.cleanrl_model` at the end"""
     run_dir: Optional[str] = None
     """folder for this run's tensorboard events and checkpoint (default: runs/{run_name})"""
+    checkpoint_interval: int = 10
+    """iterations between checkpoints `{run_dir}/checkpoint.pt` (written atomically; also after the last iteration;
+    the one before is kept as checkpoint_prev.pt); 0: none"""
+    resume: Optional[str] = None
+    """RUN_DIR or checkpoint file to continue from: its remaining iterations, in its folder, with its flags unless
+    given again (the env, order, network and seed must stay; see README, Long runs)"""
 
     # Environment
     map: str = "MMM2"
@@ -280,29 +286,47 @@ def smax_functions(map_name, max_steps):
 
 
 class SmaxVecEnv:
-    """num_envs SMAX battles stepped together by one jitted call; one host transfer per step."""
+    """num_envs SMAX battles stepped together by one jitted call; one host transfer per step. As the SC2 worker
+    does, observations end with the agent's own previous action (one-hot; zeros in a fresh battle) and its one-hot
+    id when asked (SMAX's own features do not carry the allies' previous actions)."""
 
-    def __init__(self, map_name, num_envs, seed, max_steps):
+    dead_action = 4  # a dead SMAX unit's only available action is "stop"
+
+    def __init__(self, map_name, num_envs, seed, max_steps, obs_last_action=True, obs_agent_id=True):
         import jax
 
         self.jax = jax
         env, self._reset_all, self._step_all = smax_functions(map_name, max_steps)
         self.num_envs, self.n_agents = num_envs, env.num_agents
-        self.obs_dim = env.observation_spaces[env.agents[0]].shape[0]
         self.n_actions = env.action_spaces[env.agents[0]].n
+        self.obs_last_action, self.obs_agent_id = obs_last_action, obs_agent_id
+        self.obs_dim = (env.observation_spaces[env.agents[0]].shape[0] + (self.n_actions if obs_last_action else 0)
+                        + (self.n_agents if obs_agent_id else 0))
+        self.agent_id = np.broadcast_to(np.eye(self.n_agents, dtype=np.float32), (num_envs, self.n_agents, self.n_agents))
+        self.last_action = np.zeros((num_envs, self.n_agents, self.n_actions), np.float32)  # (E, N, A) one-hot
         self.keys = jax.random.split(jax.random.PRNGKey(seed), num_envs)  # one random stream per env
         self.states = None
         self.restarts = 0  # the real game's crash counter; SMAX never crashes
+
+    def _observe(self, obs):  # (E, N, D) SMAX's features -> (E, N, obs_dim)
+        extra = ([self.last_action] if self.obs_last_action else []) + ([self.agent_id] if self.obs_agent_id else [])
+        return np.concatenate([obs, *extra], axis=-1)
 
     def reset(self):
         keys = self.jax.vmap(self.jax.random.split)(self.keys)  # (E, 2, key): a new stream and a reset key per env
         self.keys = keys[:, 0]
         self.states, obs, avail = self._reset_all(keys[:, 1])
-        return [np.array(x) for x in self.jax.device_get((obs, avail))]  # writable copies, as torch wants
+        obs, avail = self.jax.device_get((obs, avail))
+        self.last_action[:] = 0.0
+        return self._observe(obs), np.array(avail)  # writable copies, as torch wants
 
-    def step(self, actions):
-        self.keys, self.states, *out = self._step_all(self.keys, self.states, np.asarray(actions, dtype=np.int32))
-        return [np.array(x) for x in self.jax.device_get(out)]  # obs, avail, reward, done, won: one transfer
+    def step(self, actions):  # actions (E, N) int
+        actions = np.asarray(actions, dtype=np.int32)
+        self.keys, self.states, *out = self._step_all(self.keys, self.states, actions)
+        obs, avail, reward, done, won = self.jax.device_get(out)  # one transfer
+        self.last_action = np.eye(self.n_actions, dtype=np.float32)[actions]  # (E, N, A)
+        self.last_action[done] = 0.0  # the battle was reset inside the step: a fresh battle has no previous action
+        return self._observe(obs), np.array(avail), np.array(reward), np.array(done), np.array(won)
 
     def close(self):
         pass
@@ -345,14 +369,17 @@ def sc2_worker(conn, map_name, seed, obs_last_action, obs_agent_id):
                 return
             if command == "reset":  # the first one launches the game
                 env.reset()
-                conn.send(("ok", observe()))
+                result = observe()
             else:
                 reward, terminated, info = env.step(actions)
-                if terminated and "battle_won" not in info:  # SMAC caught a lost connection itself: (0, True, {})
-                    raise protocol.ConnectionError("the connection to the game was lost (SMAC relaunched it itself)")
-                if terminated:
+                if terminated and env.force_restarts == 0:
                     env.reset()
-                conn.send(("ok", (*observe(), reward, terminated, info["battle_won"])))
+                result = (*observe(), reward, terminated, info.get("battle_won", False))
+            # SMAC catches a lost connection itself, in step (it returns (0, True, {})) and in reset, and relaunches
+            # the game: its force_restarts counter tells. Treat it as a crash, so the game is rebuilt and counted.
+            if env.force_restarts:
+                raise protocol.ConnectionError("the connection to the game was lost (SMAC relaunched it itself)")
+            conn.send(("ok", result))
         except game_errors as error:
             conn.send(("crash", f"{type(error).__name__}: {error}"))
             return
@@ -371,6 +398,7 @@ class Sc2VecEnv:
     the run with the worker's traceback."""
 
     max_failures = 3
+    dead_action = 0  # SMAC: the no-op is available to dead units only, and is then their only action
 
     def __init__(self, map_name, num_envs, seed, obs_last_action=True, obs_agent_id=True, step_timeout=120.0,
                  launch_timeout=300.0):
@@ -474,7 +502,7 @@ def make_envs(args, backend, num_envs, seed):
     if backend == "sc2":
         return Sc2VecEnv(args.map, num_envs, seed, args.obs_last_action, args.obs_agent_id, args.sc2_step_timeout,
                          args.sc2_launch_timeout)
-    return SmaxVecEnv(args.map, num_envs, seed, args.smax_max_steps)
+    return SmaxVecEnv(args.map, num_envs, seed, args.smax_max_steps, args.obs_last_action, args.obs_agent_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -659,6 +687,13 @@ class Decoder(nn.Module):
         return self.head(x)  # (B, A) the action logits of agent sigma(pos)
 
 
+def active_agents(avail, dead_action):
+    """Which agents act: (B, N, A) available actions -> (B, N) bool. A dead unit's only available action is
+    dead_action (SMAC: the no-op, 0; SMAX: stop, 4); its action is forced, so it is left out of the policy loss,
+    the entropy and the advantage statistics."""
+    return ~((avail.sum(-1) == 1) & avail[..., dead_action])
+
+
 def masked_logits(logits, avail):
     """Unavailable actions get a logit of -1e10 (MAT): probability exactly 0, so they are never sampled."""
     return logits.masked_fill(~avail, -1e10)
@@ -702,9 +737,10 @@ class PMAT(nn.Module):
             for k in range(N):
                 logits = masked_logits(self.decoder.step(prev_action, rep[:, k], caches, k), avail[:, k])  # (B, A)
                 log_p = logits.log_softmax(-1)  # (B, A); written out, as a Categorical object per step costs more
-                # Gumbel-max: argmax(log p + Gumbel noise) is an exact sample (the P-L sampler's trick with one pick)
+                # Gumbel-max: argmax(log p + Gumbel noise) is an exact sample (the P-L sampler's trick with one pick).
+                # The mask is applied again after the noise: an infinite noise draw must not lift an unavailable action.
                 noisy = log_p if deterministic else log_p - torch.log(torch.empty_like(log_p).exponential_())
-                action = noisy.argmax(-1)  # (B,)
+                action = noisy.masked_fill(~avail[:, k], -torch.inf).argmax(-1)  # (B,)
                 actions.append(action)
                 log_probs.append(log_p.gather(1, action[:, None]).squeeze(1))
                 prev_action = F.one_hot(action + 1, self.n_actions + 1).float()  # action a -> column a + 1; sigma(k+1) sees it
@@ -807,22 +843,31 @@ def flatten_parameters(module):
     return flat_param
 
 
-def ppo_loss(agent, args, evaluate_inputs, old_log_probs, old_order_log_probs, advantages, targets, old_values):
+def masked_mean(x, mask):
+    """The mean of x over the entries where mask is True (all entries when mask is None). (M, N) -> ()"""
+    return x.mean() if mask is None else (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def ppo_loss(agent, args, evaluate_inputs, old_log_probs, old_order_log_probs, advantages, targets, old_values,
+             active=None):
     """The loss of one PPO mini-batch of M samples. evaluate_inputs: the mini-batch's arguments of agent.evaluate
     (observations, actions, stored orders, ...); the rollout's log-probs (M, N), order log-probs (M,), normalised
-    advantages (M, N), value targets and values (M, N). Returns the loss and the logged parts (policy, value,
+    advantages (M, N), value targets and values (M, N); active (M, N) bool, the agents that acted (SMAC: alive), or
+    None when every agent always acts. The policy loss, the entropy and the ranking advantage average over active
+    agents only (as MAT); the value loss over all agents. Returns the loss and the logged parts (policy, value,
     ranking, entropy, approx. KL, clip fraction)."""
     new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(*evaluate_inputs)
 
     # Policy loss, eq. 5-6: per-agent clipped ratio with the agent's advantage
     log_ratio = new_log_prob - old_log_probs
     ratio = log_ratio.exp()
-    pg_loss = -torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages).mean()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)  # (M, N)
+    pg_loss = -masked_mean(surrogate, active)
 
-    # Ranking loss, eq. 15-16: the order's clipped ratio with the advantage averaged over agents
+    # Ranking loss, eq. 15-16: the order's clipped ratio with the advantage averaged over (active) agents
     if args.order == "pmat":
         rank_ratio = (new_order_log_prob - old_order_log_probs).exp()
-        rank_adv = advantages.mean(1)
+        rank_adv = advantages.mean(1) if active is None else (advantages * active).sum(1) / active.sum(1).clamp(min=1)
         rank_loss = -torch.min(rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv).mean()
     else:
         rank_loss = torch.zeros((), device=advantages.device)
@@ -834,11 +879,11 @@ def ppo_loss(agent, args, evaluate_inputs, old_log_probs, old_order_log_probs, a
         F.huber_loss(value_clipped, targets, reduction="none", delta=args.huber_delta),
     ).mean()
 
-    entropy_loss = entropy.mean()
+    entropy_loss = masked_mean(entropy, active)
     loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.rank_coef * rank_loss
     with torch.no_grad():
-        approx_kl = ((ratio - 1) - log_ratio).mean()
-        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+        approx_kl = masked_mean((ratio - 1) - log_ratio, active)
+        clipfrac = masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), active)
     return loss, (pg_loss.detach(), v_loss.detach(), rank_loss.detach(), entropy_loss.detach(), approx_kl, clipfrac)
 
 
@@ -889,15 +934,172 @@ def check_compiler(device):
                  f"{package}, or set ${variable}); or run without --compile")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Long runs: flag checks, checkpoints and --resume, the non-finite guard
+# ---------------------------------------------------------------------------------------------------------------
+CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint_prev.pt"  # in the run folder: the newest, the one before
+
+
+def check_args(args):
+    """Exit with one `error:` line naming the flag, its value and what it accepts, before anything is built."""
+    def bad(name, accepted):
+        sys.exit(f"error: --{name.replace('_', '-')} must be {accepted}, got {getattr(args, name)}")
+
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "n_block", "n_embd",
+                 "n_head", "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            bad(name, "at least 1")
+    for name in ("eval_interval", "checkpoint_interval"):
+        if getattr(args, name) < 0:
+            bad(name, "at least 0 (0: off)")
+    if args.n_embd % args.n_head != 0:
+        bad("n_embd", f"a multiple of --n-head ({args.n_head})")
+    for name in ("learning_rate", "max_grad_norm", "huber_delta"):
+        if not 0 < getattr(args, name) < float("inf"):  # also refuses nan
+            bad(name, "a number above 0")
+    for name in ("clip_coef", "ent_coef", "vf_coef", "rank_coef"):
+        if not 0 <= getattr(args, name) < float("inf"):
+            bad(name, "a number of at least 0")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(args, name) <= 1:
+            bad(name, "between 0 and 1")
+
+
+def checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args, **extra):
+    """All a resumed run needs: weights, Adam's state, ValueNorm, the progress, every RNG state and the flags; extra
+    (the network's input and output sizes) lets load_agent rebuild the agent from a checkpoint as well."""
+    numpy_state = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+    return {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "value_norm": value_norm.state_dict(),
+            "iteration": iteration, "global_step": global_step, "rng": rng, "args": dict(vars(args)), **extra}
+
+
+def save_checkpoint(run_dir, state):
+    """Write state to {run_dir}/checkpoint.pt so that a crash at any moment leaves a whole checkpoint behind: write a
+    temporary file in the same folder and flush it to disk, keep the last checkpoint as checkpoint_prev.pt, then
+    rename the new file into place (os.replace is atomic). Returns the path; None, with a warning, when the disk
+    refuses (a full disk): training goes on and the older checkpoints stay as they are."""
+    path, previous = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, PREVIOUS_CHECKPOINT)
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on the disk before a name points at them
+        if os.path.exists(path):
+            os.replace(path, previous)
+        os.replace(temporary, path)
+    except OSError as e:
+        print(f"warning: could not write the checkpoint {path} ({e}); training goes on without it", flush=True)
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        return None
+    return path
+
+
+def load_checkpoint(resume):
+    """--resume RUN_DIR_OR_CHECKPOINT -> (checkpoint, its path). In a run folder: checkpoint.pt, or checkpoint_prev.pt
+    when checkpoint.pt is missing or unreadable (cut short by a crash or a full disk); a checkpoint.pt.tmp left by a
+    crash is never read. Exits with one line when there is no whole checkpoint."""
+    if os.path.isdir(resume):
+        paths = [os.path.join(resume, CHECKPOINT), os.path.join(resume, PREVIOUS_CHECKPOINT)]
+    elif os.path.basename(resume) == CHECKPOINT:
+        paths = [resume, os.path.join(os.path.dirname(resume), PREVIOUS_CHECKPOINT)]
+    else:
+        paths = [resume]
+    problems = []
+    for path in paths:
+        if not os.path.isfile(path):
+            problems.append(f"{path} does not exist")
+            continue
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            if not (isinstance(checkpoint, dict) and "optimizer" in checkpoint and "rng" in checkpoint):
+                raise ValueError("not a checkpoint of --checkpoint-interval (a --save-model file cannot be resumed)")
+        except Exception as e:  # a truncated file fails here, e.g. RuntimeError from torch's zip reader
+            problems.append(f"{path} is unreadable ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})")
+            continue
+        if problems:
+            print(f"warning: {'; '.join(problems)}; resuming from {path}", flush=True)
+        return checkpoint, path
+    sys.exit(f"error: --resume {resume}: no readable checkpoint ({'; '.join(problems)})")
+
+
+def resume_args(args, fixed):
+    """--resume: the run's flags are the checkpoint's, with the ones given again on this command line on top. Exits
+    with one line naming each flag in `fixed` (those that define the run: env, order, network, seed) given with
+    another value than the checkpoint's, or a --run-dir other than the checkpoint's folder; the others may change
+    (e.g. --total-timesteps to extend a run). Returns (args, checkpoint, checkpoint path)."""
+    checkpoint, path = load_checkpoint(args.resume)
+    names = [field.name for field in fields(Args)]
+    saved = Args(**{name: value for name, value in checkpoint["args"].items() if name in names})
+    saved.resume, saved.run_dir = args.resume, os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    given = tyro.cli(Args, default=saved)  # this command line again, with the checkpoint's values as the defaults
+    differ = [name for name in fixed if getattr(given, name) != getattr(saved, name)]
+    if os.path.realpath(given.run_dir) != saved.run_dir:
+        differ.append("run_dir")
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if differ:
+        sys.exit(f"error: --resume {path} was trained with {', '.join(f'{flag(n)} {getattr(saved, n)}' for n in differ)}, "
+                 f"but this call gives {', '.join(f'{flag(n)} {getattr(given, n)}' for n in differ)}: these must stay as "
+                 f"they were to continue the run (leave them out; a different set-up is a new run)")
+    changed = [name for name in names if name not in fixed and getattr(given, name) != getattr(saved, name)]
+    if changed:
+        print("resuming with changed flags: " + ", ".join(f"{flag(n)} {getattr(saved, n)} -> {getattr(given, n)}" for n in changed))
+    return given, checkpoint, path
+
+
+def restore_checkpoint(checkpoint, agent, optimizer, value_norm):
+    """--resume: put the checkpoint's weights (copied into the flat parameter's views), Adam's state, ValueNorm and
+    the RNG states of python, numpy and torch back into this process."""
+    agent.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    value_norm.load_state_dict(checkpoint["value_norm"])
+    rng = checkpoint["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def guarded_step(optimizer, flat_params, loss, max_grad_norm):
+    """Backward, clip the gradient norm to max_grad_norm, and step, unless the loss or the gradient norm is not finite:
+    then the step is skipped (returns False) and the weights and Adam's state stay as they were."""
+    optimizer.zero_grad(set_to_none=False)  # keep the flat gradient the parameters' grads are views of
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_([flat_params], max_grad_norm)
+    if not torch.isfinite(loss.detach() + grad_norm):  # one check (one device sync) for both: nan or inf in either
+        return False
+    optimizer.step()
+    return True
+
+
+def nonfinite_error(skipped, checkpoint_path):
+    """The message that stops a run whose mini-batch updates have been skipped `skipped` times in a row."""
+    where = (f"the last good checkpoint is {checkpoint_path}: continue from it with --resume {checkpoint_path} "
+             f"(perhaps with a lower --learning-rate)" if checkpoint_path else "no checkpoint was written")
+    return (f"error: stopped: {skipped} mini-batch updates in a row had a non-finite loss or gradient norm and were "
+            f"skipped (the weights stayed finite); {where}")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "smax_max_steps", "eval_episodes"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
+    if args.resume:  # the flags that define the run must stay as the checkpoint has them
+        args, checkpoint, checkpoint_path = resume_args(args, ("map", "obs_last_action", "obs_agent_id", "smax_max_steps",
+                                                               "order", "n_block", "n_embd", "n_head", "seed"))
+    check_args(args)
+    if args.smax_max_steps < 1:
+        sys.exit(f"error: --smax-max-steps must be at least 1, got {args.smax_max_steps}")
     for name in ("sc2_step_timeout", "sc2_launch_timeout"):
         if not getattr(args, name) > 0:
             sys.exit(f"error: --{name.replace('_', '-')} must be a number of seconds above 0, got {getattr(args, name)}")
     backend, why = choose_backend(args.backend, args.map)
+    if checkpoint is not None and backend != checkpoint["backend"]:
+        sys.exit(f"error: --resume {checkpoint_path} was trained on the {checkpoint['backend']} backend, but this call "
+                 f"would run {backend} ({why}): give --backend {checkpoint['backend']}")
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % args.num_minibatches != 0:
         sys.exit(
@@ -910,16 +1112,21 @@ if __name__ == "__main__":
         sys.exit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout (num_envs * num_steps = {args.batch_size})")
     run_name = f"{args.map}-{backend}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
     run_dir = args.run_dir or f"runs/{run_name}"
+    if checkpoint is None and any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
+        sys.exit(f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
+                 f"or choose another --run-dir")
     if args.track:
         try:
             import wandb
         except ImportError:
             sys.exit("error: --track needs wandb: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    # A resumed run purges the events its first life logged after the checkpoint: each step is logged once
+    writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
+                    0 if checkpoint is None else checkpoint["global_step"] + 1)
     backend_text = f"backend: {backend} ({why})" + ("" if backend == "sc2" else "; SMAX numbers are not comparable with SMAC's")
-    writer.add_text("backend", backend_text)
+    writer.add_text("backend", backend_text, 0 if checkpoint is None else checkpoint["global_step"] + 1)
 
     # Seeding
     random.seed(args.seed)
@@ -938,7 +1145,7 @@ if __name__ == "__main__":
     print(backend_text, flush=True)
     if backend == "smax":
         setup_jax(args.jax_cache_dir)
-    envs = make_envs(args, backend, args.num_envs, args.seed)
+    envs = make_envs(args, backend, args.num_envs, args.seed + (0 if checkpoint is None else checkpoint["global_step"]))  # resumed: new battles
     n_agents, obs_dim, n_actions = envs.n_agents, envs.obs_dim, envs.n_actions
     print(f"{args.map} ({backend}): {n_agents} agents, obs {obs_dim}, actions {n_actions}; order={args.order}; "
           f"{args.num_envs} envs; logging to {run_dir}", flush=True)
@@ -965,21 +1172,30 @@ if __name__ == "__main__":
     reward_buf = torch.zeros((T, E), device=device)
     done_buf = torch.zeros((T, E), device=device)
     no_bootstrap = torch.zeros((T, E, N), device=device)  # SMAC: the time limit ends the battle (a loss), no bootstrap
+    active_buf = torch.zeros((T, E, N), dtype=torch.bool, device=device)  # alive agents: the policy loss and entropy
 
-    global_step = 0
-    start_time = time.time()
+    start_iteration, global_step = 1, 0
+    if checkpoint is not None:  # last, so that nothing above draws from the restored RNG streams
+        restore_checkpoint(checkpoint, agent, optimizer, value_norm)
+        optimizer.param_groups[0]["lr"] = args.learning_rate  # may have changed on resume
+        start_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
+        print(f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
+              f"{global_step}; the envs start fresh episodes (an env's state is not in the checkpoint)", flush=True)
+    start_time, start_step = time.time(), global_step
+    skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
     next_obs, next_avail = envs.reset()
     next_obs, next_avail = torch.as_tensor(next_obs, device=device), torch.as_tensor(next_avail, device=device)
     episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=int)
     battles_won, battles_done = 0, 0  # since the last charts/win_rate point
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(start_iteration, args.num_iterations + 1):
         finished_returns, finished_lengths = [], []
         first_counts = torch.zeros(N, device=device)
         rollout_start = time.time()
         for step in range(T):
             global_step += E
             obs_buf[step], avail_buf[step] = next_obs, next_avail
+            active_buf[step] = active_agents(next_avail, envs.dead_action)
             # AGPS + auto-regressive decoding (eq. 8-11): sample an order, act in that order, restore agent order
             action, log_prob, value, order, order_log_prob = act(next_obs, next_avail)
             action_buf[step], log_prob_buf[step], value_buf[step] = action, log_prob, value
@@ -1017,20 +1233,26 @@ if __name__ == "__main__":
         b_order_log_probs = order_log_prob_buf.reshape(-1)
         b_values = value_buf.reshape(-1, N)
         b_targets = value_norm.normalize(returns).reshape(-1, N)
+        b_active = active_buf.reshape(-1, N)
         b_advantages = advantages.reshape(-1, N)
-        b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-5)
+        active_advantages = b_advantages[b_active]  # the statistics of the alive agents' advantages (as MAT)
+        b_advantages = (b_advantages - active_advantages.mean()) / (active_advantages.std() + 1e-5)
 
-        clipfracs = []
+        clipfracs, skipped = [], 0
         for epoch in range(args.update_epochs):
             b_inds = torch.randperm(args.batch_size, device=device)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb = b_inds[start : start + args.minibatch_size]
                 loss, stats = loss_fn(agent, args, (b_obs[mb], b_actions[mb], b_avail[mb], b_orders[mb]), b_log_probs[mb],
-                                      b_order_log_probs[mb], b_advantages[mb], b_targets[mb], b_values[mb])
-                optimizer.zero_grad(set_to_none=False)  # keep the flat gradient the parameters' grads are views of
-                loss.backward()
-                nn.utils.clip_grad_norm_([flat_params], args.max_grad_norm)
-                optimizer.step()
+                                      b_order_log_probs[mb], b_advantages[mb], b_targets[mb], b_values[mb], b_active[mb])
+                if guarded_step(optimizer, flat_params, loss, args.max_grad_norm):
+                    skipped_in_a_row = 0
+                else:  # nothing non-finite reaches the weights; two iterations' worth in a row: stop
+                    skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                    if skipped_in_a_row >= 2 * args.update_epochs * args.num_minibatches:
+                        writer.close()
+                        envs.close()
+                        sys.exit(nonfinite_error(skipped_in_a_row, checkpoint_path))
                 clipfracs.append(stats[-1])
         pg_loss, v_loss, rank_loss, entropy_loss, approx_kl, _ = stats  # of the last mini-batch
 
@@ -1041,7 +1263,7 @@ if __name__ == "__main__":
 
         # Logging
         update_seconds, rollout_seconds = time.time() - update_start, update_start - rollout_start
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("perf/rollout_seconds", rollout_seconds, global_step)
@@ -1053,6 +1275,10 @@ if __name__ == "__main__":
         writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
         writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("charts/skipped_updates", skipped, global_step)
+        if skipped:
+            print(f"warning: iteration {iteration}: {skipped} of {args.update_epochs * args.num_minibatches} mini-batch "
+                  f"updates skipped (non-finite loss or gradient norm); the weights did not take them", flush=True)
         writer.add_scalar("order/neg_log_prob", -order_log_prob_buf.mean().item(), global_step)
         for i, frac in enumerate((first_counts / (T * E)).tolist()):
             writer.add_scalar(f"order/agent{i}_first", frac, global_step)
@@ -1077,9 +1303,18 @@ if __name__ == "__main__":
             print(f"  eval: win rate {np.mean(eval_wins):.3f}, return {np.mean(eval_returns):.2f} over {len(eval_wins)} battles")
         mean_return = f"{np.mean(finished_returns):7.2f}" if finished_returns else "      -"
         win_text = f"{win_rate:5.3f}" if win_rate is not None else "    -"
-        eta = (args.num_iterations - iteration) * (time.time() - start_time) / iteration
+        eta = (args.num_iterations - iteration) * (time.time() - start_time) / (iteration - start_iteration + 1)
         print(f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | return {mean_return} | "
               f"win rate {win_text} | left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
+        last = iteration == args.num_iterations
+        if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
+            writer.flush()  # the events up to this step are on disk before a checkpoint says the run got here
+            state = checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args, obs_dim=obs_dim,
+                                     n_actions=n_actions, backend=backend)
+            checkpoint_path = save_checkpoint(run_dir, state) or checkpoint_path
+    if start_iteration > args.num_iterations:
+        print(f"the checkpoint is at iteration {start_iteration - 1} of {args.num_iterations}: nothing left to train "
+              f"(a larger --total-timesteps extends the run)")
 
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"

@@ -283,6 +283,8 @@ def plot(args, results, path):
         runs = [r for r in results if r["order"] == "pmat" and r["rank_coef"] == coef]
         band(ax2, runs, "key_first", f"pmat, rank coef {coef:g}", f"C{3 + i}" if coef != args.rank_coef else "C0")
     ax2.axhline(1 / args.n_agents, color="gray", ls="--", lw=1, label="chance (1/N)")
+    cap = 10 / (10 + args.n_agents - 1)  # the scores are bounded to [1, 10]: the key holder is first at most this often
+    ax2.axhline(cap, color="C0", ls=":", lw=1, label=f"most a sampled order can ({cap:.3f})")
     ax2.set(xlabel="training samples (episodes)", ylabel="fraction", ylim=(0, 1),
             title="PMAT: the key holder decides first")
     ax2.legend(fontsize=8)

@@ -123,6 +123,37 @@ def test_observations_carry_agent_id_and_last_actions(fake_game):
         envs.close()
 
 
+def test_connection_lost_inside_reset_is_rebuilt_too(fake_game):
+    """The game dies at the first step request of the reset that follows a battle (SMAC v1's _restart steps the game
+    after killing the units). SMAC catches that inside reset and relaunches the game without telling the caller;
+    the wrapper sees SMAC's force_restarts counter, rebuilds the game and counts the restart. A probe game without a
+    fault, with the same actions (the fake game is deterministic), finds the step at which the first battle ends."""
+    log_dir, set_fault = fake_game
+
+    def play(envs, until_done):
+        obs, avail = envs.reset()
+        rng = np.random.default_rng(2)
+        for t in range(1, 200):
+            obs, avail, reward, done, won = envs.step(random_actions(avail, rng))
+            if done[0] and until_done:
+                return t
+        raise AssertionError("no battle ended")
+
+    probe = ps.Sc2VecEnv("3m", 1, seed=0, step_timeout=20)
+    try:
+        first_end = play(probe, until_done=True)  # env.step calls; the reset's step request is the next one
+    finally:
+        probe.close()
+    set_fault("drop", at_step=first_end + 1)
+    envs = ps.Sc2VecEnv("3m", 1, seed=0, step_timeout=20)
+    try:
+        assert play(envs, until_done=True) == first_end
+        # launches: the probe's game, the first game, SMAC's own relaunch inside reset, and the wrapper's rebuild
+        assert envs.restarts == 1 and len(game_pids(log_dir)) == 4
+    finally:
+        envs.close()
+
+
 def test_dropped_connection_is_rebuilt(fake_game):
     """Game 0's process dies mid-battle. pysc2 raises a ConnectionError, which SMAC catches itself: it relaunches the
     game and returns (0, True, {}), without 'battle_won'. The wrapper takes that for a crash, not a lost battle:

@@ -10,8 +10,9 @@ from conftest import ROOT
 SCRIPTS = [s for s in ("pmat_mamujoco", "pmat_smac", "pmat_grf") if os.path.exists(os.path.join(ROOT, s + ".py"))]
 SHARED = ["plackett_luce_log_prob", "plackett_luce_sample", "gather_agents", "layer_init", "Attention", "mlp",
           "EncodeBlock", "DecodeBlock", "Encoder", "ScoringBlock", "ValueNorm", "compute_gae",
-          "Decoder.new_caches", "PMAT.order_log_weights", "PMAT.get_order", "flatten_parameters", "ppo_loss",
-          "check_compiler"]
+          "Decoder.new_caches", "PMAT.order_log_weights", "PMAT.get_order", "flatten_parameters", "masked_mean", "ppo_loss",
+          "check_compiler", "check_args", "checkpoint_state", "save_checkpoint", "load_checkpoint", "resume_args",
+          "restore_checkpoint", "guarded_step", "nonfinite_error"]
 
 
 def source(module, name):

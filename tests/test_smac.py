@@ -166,6 +166,83 @@ def test_masked_sampling_frequencies_match_renormalised_softmax():
     np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p.max() / 40_000) + 1e-3)
 
 
+def test_an_infinite_noise_draw_never_picks_an_unavailable_action(monkeypatch):
+    """Gumbel-max with a forced infinite draw: every exponential sample is 0, so every noise value is +inf. Masking
+    after the noise keeps unavailable actions out (masking only before it, -1e10 + inf = inf, would pick action 0,
+    which is unavailable here for every agent)."""
+    agent = perturbed_agent("pmat", n_actions=6)
+    obs, avail = torch.randn(64, 4, 7), random_masks(64, 4, 6)
+    avail[..., 0] = False
+    avail[~avail.any(-1)] = torch.nn.functional.one_hot(torch.tensor(2), 6).bool()
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *args, **kwargs: self.zero_())
+    action = agent.act(obs, avail)[0]
+    assert torch.isinf(-torch.log(torch.empty(3).exponential_())).all()  # the patch really makes the draws infinite
+    assert avail.gather(2, action.unsqueeze(-1)).all(), "an unavailable action was chosen"
+
+
+def test_active_agents_follow_each_backends_dead_unit_rule():
+    """SMAC: a dead unit can only take the no-op (0), a living one never can; SMAX: a dead unit can only stop (4).
+    A living SMAC unit whose one available action is stop (boxed in, no target) still acts."""
+    sc2 = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 1, 1, 0, 1, 1], [0, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    smax = torch.tensor([[0, 0, 0, 0, 1, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert ps.active_agents(sc2, ps.Sc2VecEnv.dead_action).tolist() == [False, True, True]
+    assert ps.active_agents(smax, ps.SmaxVecEnv.dead_action).tolist() == [False, True, True]
+
+
+def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
+    """A batch with dead agents (only the no-op available): the loss and its gradient equal those computed from the
+    per-agent terms with the dead agents' terms removed (policy and entropy averaged over the living agents, the
+    ranking advantage averaged over the living agents of each step), while the value loss keeps every agent. The
+    rollout/training ratio is still exactly 1, dead agents included (their forced action has log-prob 0)."""
+    torch.manual_seed(7)
+    agent = perturbed_agent("pmat", n_actions=6)
+    flat = ps.flatten_parameters(agent)
+    B, N = 32, 5
+    obs, avail = torch.randn(B, N, 7), random_masks(B, N, 6)
+    avail[..., 0] = False  # the no-op: dead units only
+    dead = torch.rand(B, N) < 0.3
+    dead[:, 0] = False  # at least one living agent per step
+    avail[dead] = torch.nn.functional.one_hot(torch.tensor(0), 6).bool()
+    avail[~avail.any(-1)] = torch.nn.functional.one_hot(torch.tensor(1), 6).bool()
+    active = ps.active_agents(avail, ps.Sc2VecEnv.dead_action)
+    assert torch.equal(active, ~dead)
+    action, log_prob, value, sigma, sigma_log_prob = agent.act(obs, avail)
+    new_log_prob = agent.evaluate(obs, action, avail, sigma)[0]
+    assert (new_log_prob - log_prob).abs().max() < 1e-5 and log_prob[dead].abs().max() < 1e-6  # ratio 1
+
+    args = ps.Args(order="pmat", rank_coef=0.5)  # a visible ranking term
+    old_log_prob = log_prob + 0.1 * torch.randn(B, N) * active  # ratios away from 1, some clipped
+    old_sigma_log_prob = sigma_log_prob + 0.1 * torch.randn(B)
+    advantages, targets = torch.randn(B, N), torch.randn(B, N)
+    inputs = ((obs, action, avail, sigma), old_log_prob, old_sigma_log_prob, advantages, targets, value)
+
+    flat.grad.zero_()
+    loss, stats = ps.ppo_loss(agent, args, *inputs, active)
+    loss.backward()
+    grad = flat.grad.clone()
+
+    flat.grad.zero_()  # the reference: per-agent terms, dead agents' terms dropped by indexing
+    new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate(obs, action, avail, sigma)
+    ratio = (new_log_prob - old_log_prob).exp()
+    terms = torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)
+    pg = -terms[active].mean()
+    ent = entropy[active].mean()
+    rank_adv = torch.stack([advantages[b][active[b]].mean() for b in range(B)])
+    rank_ratio = (new_sigma_log_prob - old_sigma_log_prob).exp()
+    rank = -torch.min(rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv).mean()
+    clipped_value = value + (new_value - value).clamp(-args.clip_coef, args.clip_coef)
+    huber = torch.nn.functional.huber_loss
+    v = torch.max(huber(new_value, targets, reduction="none", delta=args.huber_delta),
+                  huber(clipped_value, targets, reduction="none", delta=args.huber_delta)).mean()  # every agent
+    reference = pg - args.ent_coef * ent + args.vf_coef * v + args.rank_coef * rank
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.stack(stats[:4]), torch.stack([pg, v, rank, ent]).detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, flat.grad, rtol=1e-5, atol=1e-7)
+    assert (ratio[active] - 1).abs().max() > 0.05  # the ratios really differ from 1
+    assert (ps.ppo_loss(agent, args, *inputs)[0] - loss).abs() > 1e-4  # without the mask the loss differs
+
+
 def test_defaults_are_the_smac_hyper_parameters():
     """DESIGN.md's SMAC column: lr 5e-4, 15 epochs, 1 mini-batch, clip 0.05, entropy 0.01, grad norm 10, 32 envs,
     rollout 100, 10M steps, ranking coef 1e-4; --map MMM2."""
@@ -211,7 +288,9 @@ def test_evaluation_plays_exactly_the_asked_battles():
 @pytest.fixture(scope="module")
 def smax_3m():
     ps.setup_jax(ps.Args.jax_cache_dir)
-    return ps.SmaxVecEnv("3m", 2, seed=0, max_steps=30)  # the same compiled step as the script runs below
+    # SMAX's own observations (the reference runs' additions are tested separately); the same compiled step as the
+    # script runs below
+    return ps.SmaxVecEnv("3m", 2, seed=0, max_steps=30, obs_last_action=False, obs_agent_id=False)
 
 
 def focus_fire(avail):
@@ -243,6 +322,32 @@ def test_smax_wrapper(smax_3m):
             battles, wins, total[e] = battles + 1, wins + int(won[e]), 0.0
         assert not (won & ~done).any()
     assert battles >= 10 and 0 < wins < battles and dead_seen > 0
+
+
+def test_smax_observations_end_with_the_previous_action_and_the_agent_id(smax_3m):  # smax_3m: the compiled step
+    """With the reference runs' observations: SMAX's own features (those of a wrapper without the additions, same
+    seed, same actions), then the agent's previous action one-hot (zeros after reset and in a battle that was just
+    reset inside step), then its one-hot id."""
+    plain = ps.SmaxVecEnv("3m", 2, seed=0, max_steps=30, obs_last_action=False, obs_agent_id=False)
+    extended = ps.SmaxVecEnv("3m", 2, seed=0, max_steps=30, obs_last_action=True, obs_agent_id=True)
+    assert extended.obs_dim == plain.obs_dim + 8 + 3
+    obs_p, avail = plain.reset()
+    obs_x, _ = extended.reset()
+    np.testing.assert_array_equal(obs_x[..., :plain.obs_dim], obs_p)
+    assert (obs_x[..., plain.obs_dim:plain.obs_dim + 8] == 0).all()
+    np.testing.assert_array_equal(obs_x[..., -3:], np.broadcast_to(np.eye(3), (2, 3, 3)))
+    resets = 0
+    for _ in range(80):
+        action = focus_fire(avail)
+        obs_p, avail, *_, done, _ = plain.step(action)
+        obs_x, _, _, done_x, _ = extended.step(action)
+        np.testing.assert_array_equal(done_x, done)
+        np.testing.assert_array_equal(obs_x[..., :plain.obs_dim], obs_p)
+        expected = np.eye(8)[action] * ~done[:, None, None]  # a battle that just ended: the new one has no past
+        np.testing.assert_array_equal(obs_x[..., plain.obs_dim:plain.obs_dim + 8], expected)
+        np.testing.assert_array_equal(obs_x[..., -3:], np.broadcast_to(np.eye(3), (2, 3, 3)))
+        resets += int(done.sum())
+    assert resets >= 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
