@@ -9,10 +9,11 @@ Flags after a lone `--` are passed through unchanged to the benchmark script:
 
 Layout of the output folder (`--plot-only FOLDER` reads the same layout, trains nothing):
     FOLDER/ablation.json       the script and the pass-through flags (checked again on resume)
-    FOLDER/{variant}_seed{S}/  one run: its tensorboard event file, `log.txt` (stdout+stderr), and
-                               `DONE`, written only after the script exited 0.
+    FOLDER/{variant}_seed{S}/  one run: its tensorboard event files, `log.txt` (stdout+stderr), the
+                               script's `checkpoint.pt`, and `DONE`, written only after the script exited 0.
 
-Re-running the same command skips runs marked DONE and restarts unfinished ones from scratch.
+Re-running the same command skips runs marked DONE, continues unfinished ones from their last checkpoint
+(the script's --resume) and restarts from scratch those that stopped before their first checkpoint.
 """
 
 import json
@@ -43,7 +44,8 @@ BENCHMARKS = {
     "pmat_smac.py": ("SMAC", "win_rate", ("--map",)),
     "pmat_grf.py": ("GRF", "episode_score", ("--env-name",)),
 }
-OWNED_FLAGS = ("--order", "--seed", "--run-dir")  # set by the ablation for every run
+OWNED_FLAGS = ("--order", "--seed", "--run-dir", "--resume")  # set by the ablation for every run
+CHECKPOINTS = ("checkpoint.pt", "checkpoint_prev.pt")  # what the scripts' --resume reads in a run folder
 RUN_DIR_RE = re.compile(r"^(pmat|mat|rmat)_seed(\d+)$")
 
 
@@ -110,14 +112,17 @@ def check_config(out_dir: Path, script: str, extra: list[str]):
         path.write_text(json.dumps(config, indent=1) + "\n")
 
 
-def run_one(script: str, extra: list[str], variant: str, seed: int, run_dir: Path, threads: int):
-    """Run the benchmark once; mark the run folder DONE when it exits 0. Returns (exit code, seconds)."""
+def run_one(script: str, extra: list[str], variant: str, seed: int, run_dir: Path, threads: int, resume: bool = False):
+    """Run the benchmark once (resume: from the run folder's last checkpoint, appending to its log); mark the run
+    folder DONE when it exits 0. Returns (exit code, seconds)."""
     cmd = [sys.executable, script, "--order", variant, "--seed", str(seed), "--run-dir", str(run_dir), *extra]
+    if resume:
+        cmd += ["--resume", str(run_dir)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))  # parallel runs should not fight over the cores
-    print(f"start    {variant} seed {seed} -> {run_dir}")
+    print(f"{'resume' if resume else 'start':8} {variant} seed {seed} -> {run_dir}")
     start = time.time()
-    with open(run_dir / "log.txt", "w") as log:
+    with open(run_dir / "log.txt", "a" if resume else "w") as log:
         log.write(" ".join(cmd) + "\n\n")
         log.flush()
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -137,17 +142,20 @@ def run_all(args: Args, extra: list[str]) -> list[str]:
             if (run_dir / "DONE").exists():
                 print(f"skip     {variant} seed {seed}: already finished ({run_dir})")
                 continue
-            if run_dir.exists():  # killed before it finished: start it again from scratch
-                print(f"restart  {variant} seed {seed}: removing the unfinished {run_dir}")
+            resume = any((run_dir / name).exists() for name in CHECKPOINTS)
+            if resume:  # killed before it finished: continue from its last checkpoint
+                print(f"continue {variant} seed {seed}: from the last checkpoint in {run_dir}")
+            elif run_dir.exists():  # killed before its first checkpoint: start it again from scratch
+                print(f"restart  {variant} seed {seed}: removing the unfinished {run_dir} (no checkpoint)")
                 shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-            todo.append((variant, seed, run_dir))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            todo.append((variant, seed, run_dir, resume))
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     failed = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {}
-        for variant, seed, run_dir in todo:
-            futures[pool.submit(run_one, script, extra, variant, seed, run_dir, threads)] = (variant, seed, run_dir)
+        for variant, seed, run_dir, resume in todo:
+            futures[pool.submit(run_one, script, extra, variant, seed, run_dir, threads, resume)] = (variant, seed, run_dir)
         for n, future in enumerate(as_completed(futures), 1):
             variant, seed, run_dir = futures[future]
             code, seconds = future.result()
@@ -276,7 +284,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         failed = run_all(args, extra)
     except KeyboardInterrupt:
-        fail(f"interrupted; finished runs are kept in {args.out_dir}, re-run the same command to resume")
+        fail(f"interrupted; finished runs and the checkpoints of unfinished ones are kept in {args.out_dir}, "
+             f"re-run the same command to continue")
     print(f"ablation took {time.time() - start:.1f} s")
     if failed:
         print(f"{len(failed)} run(s) failed, see: " + ", ".join(failed) + " (re-run the same command to retry them)")
