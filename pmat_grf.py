@@ -32,6 +32,7 @@ from typing import Literal, Optional
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -510,6 +511,58 @@ class PMAT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Data-parallel training with torchrun (in a plain `python` run these do nothing)
+# ---------------------------------------------------------------------------------------------------------------
+def setup_distributed(cuda):
+    """torchrun starts one process (rank) per GPU or CPU slot and sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
+    `python` run is rank 0 of 1. Returns (rank, world_size, device): with --cuda, rank r trains on GPU LOCAL_RANK and
+    the ranks talk over NCCL, else on the CPU over gloo."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but CUDA is not available; training on the CPU")
+    use_cuda = cuda and torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if world_size > 1:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world_size, device
+
+
+def all_reduce_sum(x):
+    """Sum the tensor x over all ranks, in place (one all_reduce call); x itself in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_mean(x):
+    """Average the tensor x over all ranks, in place: the ranks' gradients, or statistics of equal-sized batches."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def normalize_advantages(advantages, active=None):
+    """(A - mean) / (std + 1e-5) with the mean and the (unbiased) std of every rank's advantages, so that W ranks
+    normalise exactly as one process with the union of their batches; over the active entries only when given
+    (SMAC: alive agents, as MAT). advantages (M, N), active (M, N) bool or None."""
+    values = advantages.flatten() if active is None else advantages[active]
+    count, total = all_reduce_sum(torch.stack([torch.tensor(float(values.numel()), device=values.device), values.sum()]))
+    mean = total / count
+    std = (all_reduce_sum(((values - mean) ** 2).sum()) / (count - 1)).sqrt()
+    return (advantages - mean) / (std + 1e-5)
+
+
+def ranks_in_step(flat_params):
+    """torchrun: how many ranks hold exactly rank 0's weights (all of them, unless something broke the lockstep)."""
+    reference = flat_params.detach().clone()
+    dist.broadcast(reference, src=0)
+    return int(all_reduce_sum(torch.tensor(float(torch.equal(reference, flat_params.detach())), device=reference.device)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Value normalisation and GAE
 # ---------------------------------------------------------------------------------------------------------------
 class ValueNorm(nn.Module):
@@ -524,8 +577,9 @@ class ValueNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x):
-        self.running_mean.mul_(self.beta).add_((1 - self.beta) * x.mean())
-        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * (x**2).mean())
+        mean, mean_sq = all_reduce_mean(torch.stack([x.mean(), (x**2).mean()]))  # torchrun: over every rank's x
+        self.running_mean.mul_(self.beta).add_((1 - self.beta) * mean)
+        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * mean_sq)
         self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
 
     def mean_std(self):
@@ -812,6 +866,9 @@ def guarded_step(optimizer, flat_params, loss, max_grad_norm):
     then the step is skipped (returns False) and the weights and Adam's state stay as they were."""
     optimizer.zero_grad(set_to_none=False)  # keep the flat gradient the parameters' grads are views of
     loss.backward()
+    if dist.is_initialized():  # torchrun: every rank steps with the mean of the ranks' gradients
+        flat_params.grad.add_(loss.detach() * 0)  # a non-finite loss on one rank turns every rank's gradient into nan
+        all_reduce_mean(flat_params.grad)  # one call for all weights (they are one flat tensor)
     grad_norm = nn.utils.clip_grad_norm_([flat_params], max_grad_norm)
     if not torch.isfinite(loss.detach() + grad_norm):  # one check (one device sync) for both: nan or inf in either
         return False
@@ -835,11 +892,17 @@ if __name__ == "__main__":
                                                                "order", "n_block", "n_embd", "n_head", "seed"))
     check_args(args)
     args.num_agents = check_env_args(args.env_name, args.num_agents, args.rewards)
+    # torchrun: --num-envs is the total; each of the W ranks runs num_envs / W envs and updates on its own share
+    rank, world_size, device = setup_distributed(args.cuda)
+    if args.num_envs % world_size != 0:
+        sys.exit(f"error: --num-envs {args.num_envs} does not split over the {world_size} ranks of this torchrun; choose a "
+                 f"multiple of {world_size}" if rank == 0 else 1)
     args.batch_size = args.num_envs * args.num_steps
-    if args.batch_size % args.num_minibatches != 0:
+    if args.batch_size % (world_size * args.num_minibatches) != 0:
         sys.exit(
             f"error: num_envs * num_steps = {args.batch_size} does not split into --num-minibatches "
-            f"{args.num_minibatches}; choose values where it divides evenly"
+            f"{args.num_minibatches}{f' on each of {world_size} ranks' if world_size > 1 else ''}; choose values where "
+            f"it divides evenly" if rank == 0 else 1
         )
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
@@ -850,45 +913,47 @@ if __name__ == "__main__":
     if checkpoint is None and any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
         sys.exit(f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
                  f"or choose another --run-dir")
-    if args.track:
+    writer = None  # rank 0 alone logs, evaluates, prints and saves
+    if rank == 0 and args.track:
         try:
             import wandb
         except ImportError:
             sys.exit("error: --track needs wandb: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
-    # A resumed run purges the events its first life logged after the checkpoint: each step is logged once
-    writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
-                    0 if checkpoint is None else checkpoint["global_step"] + 1)
+    if rank == 0:  # a resumed run purges the events its first life logged after the checkpoint: each step is logged once
+        writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
+                        0 if checkpoint is None else checkpoint["global_step"] + 1)
 
-    # Seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    # Seeding: each rank has its own random streams (orders, actions, envs); rank 0's are those of a plain run
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads)
     torch.backends.mkldnn.enabled = False  # oneDNN sets up each call: slower than plain kernels on these tiny tensors
-    if args.cuda and not torch.cuda.is_available():
-        print("warning: --cuda given but CUDA is not available; training on the CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.compile:
         check_compiler(device)
 
     # Env setup
     async_envs = args.async_envs and args.num_envs > 1
-    envs = make_envs(args, args.num_envs, async_envs)
+    envs = make_envs(args, args.num_envs // world_size, async_envs)
     N, obs_dim = envs.single_observation_space.shape
     n_actions = GRF_NUM_ACTIONS
     eval_envs = None
-    if args.eval_interval > 0:
+    if args.eval_interval > 0 and rank == 0:
         eval_envs = make_envs(args, min(args.num_envs, args.eval_episodes), async_envs)
         eval_envs.reset(seed=args.seed + 10_000)  # builds and seeds the evaluation games once
-    print(f"{args.env_name}: {N} agents, obs {obs_dim}, actions {n_actions}, rewards {args.rewards}; order={args.order}; "
-          f"{args.num_envs} {'async' if async_envs else 'sync'} envs; logging to {run_dir}", flush=True)
+    if rank == 0:
+        print(f"{args.env_name}: {N} agents, obs {obs_dim}, actions {n_actions}, rewards {args.rewards}; order={args.order}; "
+              f"{args.num_envs} {'async' if async_envs else 'sync'} envs"
+              f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}", flush=True)
 
     agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     value_norm = ValueNorm().to(device)
     flat_params = flatten_parameters(agent)  # one tensor: a cheaper optimizer step (see the function)
+    if world_size > 1:
+        dist.broadcast(flat_params.data, src=0)  # torchrun: every rank starts from rank 0's weights
     optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
     # Optional torch.compile: the same functions, fused into fewer, larger kernels (shapes are fixed, so no recompiles);
     # on the CPU a C++ wrapper around the kernels also removes most of the Python overhead per kernel call
@@ -896,8 +961,8 @@ if __name__ == "__main__":
     act = torch.compile(agent.act, dynamic=False, options=compile_options) if args.compile else agent.act
     loss_fn = torch.compile(ppo_loss, dynamic=False, options=compile_options) if args.compile else ppo_loss
 
-    # Rollout storage, time-major
-    T, E = args.num_steps, args.num_envs
+    # Rollout storage, time-major; E: this rank's envs
+    T, E = args.num_steps, args.num_envs // world_size
     obs_buf = torch.zeros((T, E, N, obs_dim), device=device)
     action_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)
     log_prob_buf = torch.zeros((T, E, N), device=device)
@@ -913,11 +978,16 @@ if __name__ == "__main__":
         restore_checkpoint(checkpoint, agent, optimizer, value_norm)
         optimizer.param_groups[0]["lr"] = args.learning_rate  # may have changed on resume
         start_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
-        print(f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
-              f"{global_step}; the envs start fresh episodes (an env's state is not in the checkpoint)", flush=True)
+        if rank > 0:  # the checkpoint holds rank 0's random streams: the other ranks start new ones
+            random.seed(args.seed + rank + global_step)
+            np.random.seed(args.seed + rank + global_step)
+            torch.manual_seed(args.seed + rank + global_step)
+        if rank == 0:
+            print(f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
+                  f"{global_step}; the envs start fresh episodes (an env's state is not in the checkpoint)", flush=True)
     start_time, start_step = time.time(), global_step
     skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
-    next_obs, _ = envs.reset(seed=args.seed + global_step)  # resumed: other episodes than at the start
+    next_obs, _ = envs.reset(seed=args.seed + global_step + rank * E)  # env e of rank r: seed + r * E + e
     next_obs = torch.as_tensor(next_obs, device=device)
     episode_return, episode_score, episode_length = np.zeros(E), np.zeros(E), np.zeros(E, dtype=int)
 
@@ -927,7 +997,7 @@ if __name__ == "__main__":
         bootstrap_buf.zero_()
         rollout_start = time.time()
         for step in range(T):
-            global_step += E
+            global_step += E * world_size  # every rank's env steps
             obs_buf[step] = next_obs
             # AGPS + auto-regressive decoding (eq. 8-11): sample an order, act in that order, restore agent order
             action, log_prob, value, order, order_log_prob = act(next_obs)
@@ -970,14 +1040,14 @@ if __name__ == "__main__":
         b_order_log_probs = order_log_prob_buf.reshape(-1)
         b_values = value_buf.reshape(-1, N)
         b_targets = value_norm.normalize(returns).reshape(-1, N)
-        b_advantages = advantages.reshape(-1, N)
-        b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-5)
+        b_advantages = normalize_advantages(advantages.reshape(-1, N))  # torchrun: with every rank's statistics
 
         clipfracs, skipped = [], 0
+        batch, minibatch = T * E, T * E // args.num_minibatches  # this rank's share (with torchrun, 1/W of the whole)
         for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(args.batch_size, device=device)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb = b_inds[start : start + args.minibatch_size]
+            b_inds = torch.randperm(batch, device=device)
+            for start in range(0, batch, minibatch):
+                mb = b_inds[start : start + minibatch]
                 loss, stats = loss_fn(agent, args, (b_obs[mb], b_actions[mb], b_orders[mb]), b_log_probs[mb],
                                       b_order_log_probs[mb], b_advantages[mb], b_targets[mb], b_values[mb])
                 if guarded_step(optimizer, flat_params, loss, args.max_grad_norm):
@@ -985,11 +1055,12 @@ if __name__ == "__main__":
                 else:  # nothing non-finite reaches the weights; two iterations' worth in a row: stop
                     skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
                     if skipped_in_a_row >= 2 * args.update_epochs * args.num_minibatches:
-                        writer.close()
+                        if writer is not None:
+                            writer.close()
                         envs.close()
                         if eval_envs is not None:
                             eval_envs.close()
-                        sys.exit(nonfinite_error(skipped_in_a_row, checkpoint_path))
+                        sys.exit(nonfinite_error(skipped_in_a_row, checkpoint_path) if rank == 0 else 1)
                 clipfracs.append(stats[-1])
         pg_loss, v_loss, rank_loss, entropy_loss, approx_kl, _ = stats  # of the last mini-batch
 
@@ -998,7 +1069,9 @@ if __name__ == "__main__":
             var_y = y_true.var()
             explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
 
-        # Logging
+        # Logging, evaluation and checkpoints: rank 0 alone (torchrun)
+        if rank != 0:
+            continue
         update_seconds, rollout_seconds = time.time() - update_start, update_start - rollout_start
         sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
@@ -1045,11 +1118,11 @@ if __name__ == "__main__":
             state = checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args, obs_dim=obs_dim,
                                      n_actions=n_actions)
             checkpoint_path = save_checkpoint(run_dir, state) or checkpoint_path
-    if start_iteration > args.num_iterations:
+    if rank == 0 and start_iteration > args.num_iterations:
         print(f"the checkpoint is at iteration {start_iteration - 1} of {args.num_iterations}: nothing left to train "
               f"(a larger --total-timesteps extends the run)")
 
-    if args.save_model:
+    if rank == 0 and args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         torch.save({"model": agent.state_dict(), "value_norm": value_norm.state_dict(), "args": vars(args),
                     "obs_dim": obs_dim, "n_actions": n_actions}, model_path)
@@ -1057,4 +1130,10 @@ if __name__ == "__main__":
     envs.close()
     if eval_envs is not None:
         eval_envs.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
+    if world_size > 1:
+        in_step = ranks_in_step(flat_params)
+        if rank == 0:
+            print(f"torchrun: the weights are identical on {in_step} of {world_size} ranks", flush=True)
+        dist.destroy_process_group()
