@@ -45,7 +45,10 @@ def test_cached_decoder_steps_equal_the_full_pass(n_agents):
         caches = agent.decoder.new_caches(6, n_agents)
         steps = torch.stack([agent.decoder.step(prev[:, k], rep[:, k], caches, k) for k in range(n_agents)], 1)
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
-    assert len(caches) == 2 and caches[1][0].abs().min() > 0  # every block's cache got every position written
+    assert len(caches) == 2 and all(len(block_caches) == 2 for block_caches in caches)  # 2 blocks x 2 attentions
+    for block, block_caches in enumerate(caches):  # every block's caches (self- and cross-attention) got every position
+        for layer, cache in enumerate(block_caches):
+            assert cache.abs().min() > 0, f"block {block}, attention {layer}: a position was not written"
 
 
 @pytest.mark.parametrize("order", ORDERS)

@@ -243,12 +243,42 @@ def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
     assert (ps.ppo_loss(agent, args, *inputs)[0] - loss).abs() > 1e-4  # without the mask the loss differs
 
 
+DESIGN_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "DESIGN.md")
+DESIGN_ROWS = {"learning rate": "learning_rate", "PPO epochs": "update_epochs", "mini-batches": "num_minibatches",
+               "clip": "clip_coef", "entropy coef": "ent_coef", "max grad norm": "max_grad_norm",
+               "parallel envs": "num_envs", "rollout length": "num_steps", "env steps": "total_timesteps",
+               "ranking loss coef": "rank_coef"}
+
+
+def design_table_column(column):
+    """{row name: value} of one column of the project's design notes (../shared/DESIGN.md next to this repository,
+    section 2, "Hyper-parameters of the reference runs"), parsed from its markdown table; "10M" reads as 1e7."""
+    if not os.path.exists(DESIGN_MD):
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"the project's design notes are not at {DESIGN_MD}")
+    lines = [line for line in open(DESIGN_MD).read().split("## 2.")[1].splitlines() if line.startswith("|")]
+    index = [cell.strip() for cell in lines[0].split("|")].index(column)
+    values = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.split("|")]
+        number = cells[index].split()[0]  # "10M (paper plots up to ...)" -> "10M"
+        values[cells[1]] = float(number[:-1]) * 1e6 if number.endswith("M") else float(number)
+    return values
+
+
 def test_defaults_are_the_smac_hyper_parameters():
-    """DESIGN.md's SMAC column: lr 5e-4, 15 epochs, 1 mini-batch, clip 0.05, entropy 0.01, grad norm 10, 32 envs,
-    rollout 100, 10M steps, ranking coef 1e-4; --map MMM2."""
+    """The defaults equal the SMAC column of the reference runs' hyper-parameters in the project's design notes
+    (../shared/DESIGN.md, section 2: lr 5e-4, 15 epochs, 1 mini-batch, clip 0.05, entropy 0.01, grad norm 10, 32 envs,
+    rollout 100, 10M steps, ranking coef 1e-4), every row of the table, read from the table itself."""
+    design = design_table_column("SMAC (MMM2, 10m_vs_11m)")
+    assert set(design) == set(DESIGN_ROWS), "the design table's rows changed: update DESIGN_ROWS"
     a = ps.Args()
-    assert (a.learning_rate, a.update_epochs, a.num_minibatches, a.clip_coef, a.ent_coef, a.max_grad_norm) == (5e-4, 15, 1, 0.05, 0.01, 10.0)
-    assert (a.num_envs, a.num_steps, a.total_timesteps, a.rank_coef, a.map, a.order) == (32, 100, 10_000_000, 1e-4, "MMM2", "pmat")
+    assert {row: float(getattr(a, DESIGN_ROWS[row])) for row in design} == design
+    # The line under the table: "Shared: n_block 1, n_embd 64, n_head 1, gamma 0.99, GAE lambda 0.95, Huber delta 10".
+    shared = open(DESIGN_MD).read().split("Shared: ")[1].split(", value clipping")[0].split(", ")
+    shared = {name.rsplit(" ", 1)[0].lower().replace(" ", "_"): float(name.rsplit(" ", 1)[1]) for name in shared}
+    assert set(shared) == {"n_block", "n_embd", "n_head", "gamma", "gae_lambda", "huber_delta"}
+    assert {name: float(getattr(a, name)) for name in shared} == shared
+    assert (a.map, a.order) == ("MMM2", "pmat")  # the table's first map, and PMAT's order
 
 
 # ---------------------------------------------------------------------------------------------------------------
