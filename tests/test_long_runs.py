@@ -34,6 +34,14 @@ def train(run_dir, iterations, *flags):
     return result
 
 
+@pytest.fixture(scope="module")
+def one_iteration(tmp_path_factory):
+    """The folder of one iteration of RUN (the defaults: --order pmat, --seed 1), trained once; tests copy it."""
+    run_dir = tmp_path_factory.mktemp("one_iteration") / "run"
+    train(run_dir, 1)
+    return run_dir
+
+
 def resume(run_dir, iterations, *flags):
     result = run_script("pmat_mamujoco.py", "--resume", str(run_dir), "--total-timesteps", str(iterations * STEPS), *flags)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -180,12 +188,12 @@ def test_guarded_step_skips_non_finite_losses_and_gradients():
     assert not torch.equal(flat, before[0]) and optimizer.state[flat]["step"] == before[1]["step"] + 1
 
 
-def test_a_run_that_only_gets_non_finite_losses_stops_naming_the_last_good_checkpoint(tmp_path):
+def test_a_run_that_only_gets_non_finite_losses_stops_naming_the_last_good_checkpoint(tmp_path, one_iteration):
     """A checkpoint whose ValueNorm went NaN (every value target, hence every loss, is then NaN): the resumed run
     skips every update, warns, logs charts/skipped_updates, stops after two iterations' worth with one line naming
     the last good checkpoint, and never overwrites that checkpoint."""
     run_dir = tmp_path / "run"
-    train(run_dir, 1)
+    shutil.copytree(one_iteration, run_dir)  # train(run_dir, 1)
     checkpoint = load(run_dir / "checkpoint.pt")
     checkpoint["value_norm"]["running_mean"].fill_(float("nan"))
     torch.save(checkpoint, run_dir / "checkpoint.pt")
@@ -301,16 +309,14 @@ def test_resume_is_deterministic_and_checks_its_flags(tmp_path, monkeypatch):
     assert load(whole / "checkpoint.pt")["iteration"] == 4
 
 
-def test_ablation_continues_an_unfinished_run_from_its_checkpoint(tmp_path):
+def test_ablation_continues_an_unfinished_run_from_its_checkpoint(tmp_path, one_iteration):
     """rmat_ablation.py: a run folder with a checkpoint and no DONE is resumed (its finished iterations kept), not
     started again."""
     import rmat_ablation
 
     out = tmp_path / "abl"
     run_dir = out / "pmat_seed1"
-    result = run_script("pmat_mamujoco.py", *RUN, "--total-timesteps", str(STEPS), "--order", "pmat", "--seed", "1",
-                        "--run-dir", str(run_dir))  # as if the ablation's run was killed after iteration 1
-    assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(one_iteration, run_dir)  # as if the ablation's run (--order pmat --seed 1) was killed after iteration 1
     first = read_scalars(str(run_dir))["losses/policy_loss"]
     args = rmat_ablation.Args(script=os.path.join(conftest.ROOT, "pmat_mamujoco.py"), variants=("pmat",), seeds=1,
                               out_dir=str(out))
