@@ -1,9 +1,12 @@
 """Shared test helpers: the benchmark scripts live at the repo root and are imported as modules."""
+import contextlib
 import glob
+import io
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 # The networks are tiny: one thread is fastest, and several threads spin-wait badly on a busy 2-core machine.
@@ -57,3 +60,28 @@ def assert_compiled_loss_equals_eager(module, agent, flat, inputs):
     torch.testing.assert_close(stats_c, stats_e, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-5)
     assert grad_e.abs().max() > 1e-3 and stats_e[2].abs() > 0  # real gradients, and the ranking loss is in play
+
+
+def gfootball_problem():
+    """None if gfootball imports (engine included), else why not."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # old gym's upgrade notice
+            import gfootball.env  # noqa: F401
+            import gfootball_engine  # noqa: F401
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+GRF_PROBLEM = gfootball_problem()
+
+
+@pytest.fixture
+def grf():
+    """Use in every test that needs the real engine: skips without gfootball, fails under CI=true (.ci/run installs it)."""
+    if GRF_PROBLEM is None:
+        return
+    message = f"gfootball is not importable ({GRF_PROBLEM}); install it with `bash scripts/install_grf.sh`"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {message} (.ci/run is expected to do that)")
+    pytest.skip(message)

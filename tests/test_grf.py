@@ -3,9 +3,7 @@
 The engine tests need gfootball (`bash scripts/install_grf.sh`). Without it they are skipped with that
 instruction, except under CI (CI=true), where a missing gfootball is a failure: CI must test the real engine.
 """
-import contextlib
 import glob
-import io
 import math
 import os
 import subprocess
@@ -23,29 +21,6 @@ from conftest import ROOT, read_scalars, run_script
 ORDERS = ["pmat", "mat", "rmat"]
 
 
-def gfootball_problem():
-    """None if gfootball imports (engine included), else why not."""
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # old gym's upgrade notice
-            import gfootball.env  # noqa: F401
-            import gfootball_engine  # noqa: F401
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
-GRF_PROBLEM = gfootball_problem()
-
-
-@pytest.fixture
-def grf():
-    """Use in every test that needs the real engine."""
-    if GRF_PROBLEM is None:
-        return
-    message = f"gfootball is not importable ({GRF_PROBLEM}); install it with `bash scripts/install_grf.sh`"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true and {message} (.ci/run is expected to do that)")
-    pytest.skip(message)
 
 
 # ---------------------------------------------------------------------------------------------------------------
