@@ -608,6 +608,7 @@ def flatten_parameters(module):
         offset += p.numel()
     flat_param = nn.Parameter(flat)
     flat_param.grad = flat_grad
+    flat_param.first_view = params[0]  # guarded_step checks that backward still adds into flat_grad through it
     return flat_param
 
 
@@ -831,6 +832,11 @@ def guarded_step(optimizer, flat_params, loss, max_grad_norm):
     then the step is skipped (returns False) and the weights and Adam's state stay as they were."""
     optimizer.zero_grad(set_to_none=False)  # keep the flat gradient the parameters' grads are views of
     loss.backward()
+    first = flat_params.first_view  # zero_grad() / module.zero_grad() would cut the gradients off: fail loudly
+    if flat_params.grad is None or first.grad is None or first.grad.data_ptr() != flat_params.grad.data_ptr():
+        raise RuntimeError("the gradients no longer reach the flat parameter, so Adam would not see them and the weights "
+                           "would stop changing: zero them with optimizer.zero_grad(set_to_none=False), not "
+                           "optimizer.zero_grad() or module.zero_grad() (flatten_parameters keeps all of them in one tensor)")
     if dist.is_initialized():  # torchrun: every rank steps with the mean of the ranks' gradients
         flat_params.grad.add_(loss.detach() * 0)  # a non-finite loss on one rank turns every rank's gradient into nan
         all_reduce_mean(flat_params.grad)  # one call for all weights (they are one flat tensor)

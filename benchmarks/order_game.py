@@ -28,9 +28,9 @@ j = 1..N of the order:
     (v_i = 9 sigmoid(x_i) + 1), so the key holder is first with probability at most 10 / (10 + N - 1) = 0.77 for
     N = 4, and the sampled return is at most 0.949 (N = K = 4; best_returns computes it).
 
-The three variants train through the SAME code as the SMAC script: PMAT, ppo_loss, compute_gae, ValueNorm and
-flatten_parameters are imported from pmat_smac.py, with its discrete, masked decoder. Only the loop below (rollout,
-advantage normalisation, PPO epochs) is written here, as the script's main loop does it.
+The three variants train through the SAME code as the SMAC script: PMAT, ppo_loss, compute_gae, ValueNorm,
+flatten_parameters and guarded_step are imported from pmat_smac.py, with its discrete, masked decoder. Only the
+loop below (rollout, advantage normalisation, PPO epochs) is written here, as the script's main loop does it.
 
 The scoring block gets its gradient only from the ranking loss (eq. 15-16), so --rank-coef sets how fast the order
 can be learned: while the scorer's gradient is below Adam's eps (1e-5), Adam's step for it is damped by about
@@ -57,7 +57,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from pmat_smac import PMAT, ValueNorm, compute_gae, flatten_parameters, ppo_loss  # noqa: E402
+from pmat_smac import PMAT, ValueNorm, compute_gae, flatten_parameters, guarded_step, ppo_loss  # noqa: E402
 
 
 @dataclass
@@ -184,10 +184,7 @@ def train(args, order, rank_coef, seed):
                 mb = perm[start : start + minibatch]
                 loss, _ = ppo_loss(agent, run_args, (obs[mb], action[mb], avail[mb], sigma[mb]), log_prob[mb],
                                    sigma_log_prob[mb], advantages[mb], targets[mb], value[mb])
-                optimizer.zero_grad(set_to_none=False)  # the flat gradient must stay (see flatten_parameters)
-                loss.backward()
-                nn.utils.clip_grad_norm_([flat_params], args.max_grad_norm)
-                optimizer.step()
+                guarded_step(optimizer, flat_params, loss, args.max_grad_norm)  # backward, clip, Adam step
 
         # 4. Curves: the mean of the last log_every rollouts
         if iteration % args.log_every == 0:

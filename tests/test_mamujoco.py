@@ -310,6 +310,33 @@ def test_flat_parameters_train_exactly_like_separate_ones():
     torch.testing.assert_close(plain.evaluate(obs, action, order)[0], agent.evaluate(obs, action, order)[0])
 
 
+@pytest.mark.parametrize("zeroing", ["optimizer.zero_grad()", "module.zero_grad()"])
+def test_the_usual_zero_grad_fails_loudly_instead_of_silently_stopping_learning(zeroing):
+    """The copy-and-modify trap of flatten_parameters: replacing zero_grad(set_to_none=False) in guarded_step by the
+    usual optimizer.zero_grad() (the flat gradient becomes None: Adam would skip it), or zeroing with the module's
+    zero_grad() (backward would write new tensors, not the flat gradient), must stop the run with a clear error.
+    The unmodified step trains."""
+    agent = perturbed_agent("pmat")
+    flat = pm.flatten_parameters(agent)
+    optimizer = torch.optim.Adam([flat], lr=1e-2, eps=1e-5, fused=True)
+    torch.manual_seed(8)
+    obs, action, order = torch.randn(8, 4, 7), torch.randn(8, 4, 3), torch.stack([torch.randperm(4) for _ in range(8)])
+
+    def loss():
+        log_prob, entropy, value, order_log_prob = agent.evaluate(obs, action, order)
+        return -log_prob.mean() + (value**2).mean() - order_log_prob.mean()
+
+    before = flat.detach().clone()
+    assert pm.guarded_step(optimizer, flat, loss(), 0.5)
+    assert (flat.detach() - before).abs().max() > 1e-3
+    if zeroing == "optimizer.zero_grad()":  # the line in guarded_step, edited the usual way
+        optimizer.zero_grad = lambda set_to_none=True: torch.optim.Adam.zero_grad(optimizer)
+    else:
+        agent.zero_grad()
+    with pytest.raises(RuntimeError, match=r"zero them with optimizer.zero_grad\(set_to_none=False\)"):
+        pm.guarded_step(optimizer, flat, loss(), 0.5)
+
+
 def test_compiled_policy_and_loss_equal_eager():
     """--compile: torch.compile'd act (greedy) and ppo_loss give the eager values and gradients, and the compiled
     policy follows in-place weight updates (the optimizer changes the flat parameters between calls)."""
