@@ -1290,6 +1290,8 @@ if __name__ == "__main__":
     for iteration in range(start_iteration, args.num_iterations + 1):
         finished_returns, finished_lengths = [], []
         first_counts = torch.zeros(N, device=device)
+        # 1. Rollout: per step, sample an order sigma (Plackett-Luce, eq. 8, 11), decode the agents' actions in that
+        #    order (each sees its predecessors' actions, eq. 6), restore agent order, step the envs
         rollout_start = time.time()
         for step in range(T):
             global_step += E * world_size  # every rank's env steps
@@ -1316,7 +1318,7 @@ if __name__ == "__main__":
             battles_done += int(done.sum())
 
         update_start = time.time()
-        # GAE on de-normalised values, then the value normaliser sees the new targets
+        # 2. GAE on de-normalised values, then the value normaliser (ValueNorm) sees the new targets
         with torch.no_grad():
             next_value = value_norm.denormalize(agent.encoder(next_obs)[1])
             values = value_norm.denormalize(value_buf)
@@ -1336,6 +1338,8 @@ if __name__ == "__main__":
         b_advantages = advantages.reshape(-1, N)
         b_advantages = normalize_advantages(b_advantages, b_active)  # the alive agents' statistics (as MAT), all ranks
 
+        # 3. PPO epochs: per mini-batch, the clipped policy loss (eq. 5-6), the ranking loss on the stored orders
+        #    (eq. 15-16), the entropy and the clipped value loss, then one clipped Adam step (guarded_step)
         clipfracs, skipped = [], 0
         batch, minibatch = T * E, T * E // args.num_minibatches  # this rank's share (with torchrun, 1/W of the whole)
         for epoch in range(args.update_epochs):
@@ -1361,7 +1365,7 @@ if __name__ == "__main__":
             var_y = y_true.var()
             explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
 
-        # Logging, evaluation and checkpoints: rank 0 alone (torchrun)
+        # 4. Logging, evaluation and checkpoints: rank 0 alone (torchrun)
         if rank != 0:
             continue
         update_seconds, rollout_seconds = time.time() - update_start, update_start - rollout_start
