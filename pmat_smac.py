@@ -39,7 +39,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.distributions import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -56,8 +55,8 @@ class Args:
     torch_threads: int = 1
     """CPU threads for torch (1 is fastest for these small networks and leaves the cores to the envs)"""
     compile: bool = False
-    """if toggled, torch.compile the rollout policy and the PPO loss: about a minute at start-up (less when cached;
-    needs a C++ compiler on the CPU, a C compiler on the GPU), then a faster rollout and update (see README, Speed)"""
+    """if toggled, torch.compile the rollout policy and the PPO loss: a slow start-up (faster when cached; needs a
+    C++ compiler on the CPU, a C compiler on the GPU), then a faster rollout and update (see docs/speed.md)"""
     track: bool = False
     """if toggled, also log to Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "pmat"
@@ -531,25 +530,26 @@ def make_envs(args, backend, num_envs, seed):
 # ---------------------------------------------------------------------------------------------------------------
 # AGPS: Plackett-Luce decision orders
 # ---------------------------------------------------------------------------------------------------------------
-def plackett_luce_log_prob(log_weights, order):
-    """log P(order | z), paper eq. 8/11: sum_k [ z_sigma(k) - logsumexp_{j >= k} z_sigma(j) ].
+def plackett_luce_log_prob(log_weights, sigma):
+    """log P(sigma | z), paper eq. 8/11: sum_k [ z_sigma(k) - logsumexp_{j >= k} z_sigma(j) ].
 
-    log_weights z: (B, N) float; order sigma: (B, N) long, sigma[:, k] = the agent that acts k-th. Returns (B,).
+    log_weights z: (B, N) float; sigma: (B, N) long, the decision order, sigma[:, k] = the agent that acts k-th.
+    Returns (B,).
     """
-    z = log_weights.gather(1, order)  # (B, N), weights in decision order
+    z = log_weights.gather(1, sigma)  # (B, N), weights in decision order
     remaining = torch.logcumsumexp(z.flip(1), dim=1).flip(1)  # (B, N), logsumexp over the agents not yet placed
     return (z - remaining).sum(1)
 
 
 def plackett_luce_sample(log_weights, deterministic=False):
-    """Sample an order from P(sigma | z) -> (order (B, N) long, log P(order) (B,)).
+    """Sample a decision order from P(sigma | z) -> (sigma (B, N) long, log P(sigma) (B,)).
 
     Gumbel-top-k: sorting z + Gumbel noise gives an exact P-L sample in one step (the same distribution as
     picking agents one by one with a softmax over those left). deterministic=True sorts by weight, descending.
     """
     keys = log_weights if deterministic else log_weights - torch.log(torch.empty_like(log_weights).exponential_())
-    order = torch.argsort(keys, dim=1, descending=True, stable=True)
-    return order, plackett_luce_log_prob(log_weights, order)
+    sigma = torch.argsort(keys, dim=1, descending=True, stable=True)
+    return sigma, plackett_luce_log_prob(log_weights, sigma)
 
 
 def gather_agents(x, index):
@@ -582,24 +582,24 @@ class Attention(nn.Module):
         self.key_value = layer_init(nn.Linear(n_embd, 2 * n_embd))  # keys and values in one matmul
         self.proj = layer_init(nn.Linear(n_embd, n_embd))
 
-    def forward(self, query, key_value):  # (B, L, E) the attending positions, (B, L, E) the attended ones
-        B, L, E = query.shape
+    def forward(self, query, key_value):  # (B, L, C) the attending positions, (B, L, C) the attended ones
+        B, L, C = query.shape
         H = self.n_head
-        q = self.query(query).view(B, L, H, E // H).transpose(1, 2)  # (B, H, L, E/H)
-        k, v = self.key_value(key_value).view(B, L, 2, H, E // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, E/H)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, E/H)
-        return self.proj(y.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+        q = self.query(query).view(B, L, H, C // H).transpose(1, 2)  # (B, H, L, C/H)
+        k, v = self.key_value(key_value).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, C/H)
+        return self.proj(y.transpose(1, 2).reshape(B, L, C))  # (B, L, C)
 
-    def step(self, query, key_value, cache, pos):  # (B, E) the new position pos; cache (B, N, 2E)
-        """Rollout form of a causal forward(): only position pos attends, to positions 0..pos. The keys and values
-        of positions < pos are in cache from earlier steps; this step adds those of pos (a key/value cache)."""
-        B, E = query.shape
+    def step(self, query, key_value, cache, pos):  # (B, C) the new position pos; cache (B, N, 2C)
+        """Speed-up for the rollout, same outputs as a causal forward(): only position pos attends, to positions
+        0..pos. The keys and values of positions < pos are in cache from earlier steps; this adds those of pos."""
+        B, C = query.shape
         H = self.n_head
-        cache[:, pos] = self.key_value(key_value)  # (B, 2E)
-        q = self.query(query).view(B, H, 1, E // H)  # (B, H, 1, E/H)
-        k, v = cache[:, : pos + 1].view(B, pos + 1, 2, H, E // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, pos+1, E/H)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, E/H); no mask: later positions are not cached yet
-        return self.proj(y.reshape(B, E))  # (B, E)
+        cache[:, pos] = self.key_value(key_value)  # (B, 2C)
+        q = self.query(query).view(B, H, 1, C // H)  # (B, H, 1, C/H)
+        k, v = cache[:, : pos + 1].view(B, pos + 1, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, pos+1, C/H)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, C/H); no mask: later positions are not cached yet
+        return self.proj(y.reshape(B, C))  # (B, C)
 
 
 def mlp(n_embd):
@@ -615,7 +615,7 @@ class EncodeBlock(nn.Module):
         self.mlp = mlp(n_embd)
         self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
 
-    def forward(self, x):  # (B, N, E)
+    def forward(self, x):  # (B, N, C)
         x = self.ln1(x + self.attn(x, x))
         return self.ln2(x + self.mlp(x))
 
@@ -630,20 +630,20 @@ class DecodeBlock(nn.Module):
         self.mlp = mlp(n_embd)
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
 
-    def forward(self, x, rep):  # (B, L, E) action embeddings, (B, L, E) observation encodings, both in decision order
+    def forward(self, x, rep):  # (B, L, C) action embeddings, (B, L, C) observation encodings, both in decision order
         x = self.ln1(x + self.attn1(x, x))  # actions of the agents before k
         x = self.ln2(rep + self.attn2(rep, x))  # agent k's observation looks at them
         return self.ln3(x + self.mlp(x))
 
-    def step(self, x, rep, caches, pos):  # (B, E) position pos's action embedding and encoding; 2 caches (B, N, 2E)
-        """forward() for the one new position pos, with a key/value cache per attention layer (see Attention.step)."""
+    def step(self, x, rep, caches, pos):  # (B, C) position pos's action embedding and encoding; 2 caches (B, N, 2C)
+        """Speed-up: forward() for the one new position pos, with a key/value cache per attention layer (Attention.step)."""
         x = self.ln1(x + self.attn1.step(x, x, caches[0], pos))
         x = self.ln2(rep + self.attn2.step(rep, x, caches[1], pos))
         return self.ln3(x + self.mlp(x))
 
 
 class Encoder(nn.Module):
-    """Observations -> encodings obs_rep (B, N, E) and per-agent values (B, N). No positional encoding: swapping
+    """Observations -> encodings obs_rep (B, N, C) and per-agent values (B, N). No positional encoding: swapping
     two agents' observations swaps their outputs (permutation-equivariant), so any decision order can be used."""
 
     def __init__(self, obs_dim, n_embd, n_head, n_block):
@@ -656,8 +656,8 @@ class Encoder(nn.Module):
         )
 
     def forward(self, obs):  # (B, N, obs_dim)
-        rep = self.blocks(self.ln(self.obs_encoder(obs)))  # (B, N, E)
-        return rep, self.value_head(rep).squeeze(-1)  # (B, N, E), (B, N)
+        rep = self.blocks(self.ln(self.obs_encoder(obs)))  # (B, N, C)
+        return rep, self.value_head(rep).squeeze(-1)  # (B, N, C), (B, N)
 
 
 class ScoringBlock(nn.Module):
@@ -673,7 +673,7 @@ class ScoringBlock(nn.Module):
             layer_init(nn.Linear(hidden, 1), 0.01),
         )
 
-    def forward(self, rep):  # (B, N, E) -> (B, N)
+    def forward(self, rep):  # (B, N, C) -> (B, N)
         score = 9.0 * torch.sigmoid(self.net(rep).squeeze(-1)) + 1.0
         return torch.log(score)
 
@@ -691,20 +691,20 @@ class Decoder(nn.Module):
             layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), nn.LayerNorm(n_embd), layer_init(nn.Linear(n_embd, n_actions))
         )
 
-    def forward(self, prev_action, rep):  # (B, L, A+1) shifted one-hot actions, (B, L, E) encodings, in decision order
-        x = self.ln(self.action_encoder(prev_action))  # (B, L, E)
+    def forward(self, prev_action, rep):  # (B, L, A+1) shifted one-hot actions, (B, L, C) encodings, in decision order
+        x = self.ln(self.action_encoder(prev_action))  # (B, L, C)
         for block in self.blocks:
             x = block(x, rep)
         return self.head(x)  # (B, L, A) action logits
 
     def new_caches(self, batch, n_agents):
-        """Empty key/value caches for a rollout: two (B, N, 2E) per block, one per attention layer."""
+        """Speed-up: empty key/value caches for a rollout, two (B, N, 2C) per block, one per attention layer."""
         n_embd = self.ln.normalized_shape[0]
         return [[torch.zeros(batch, n_agents, 2 * n_embd, device=self.ln.weight.device) for _ in range(2)] for _ in self.blocks]
 
-    def step(self, prev_action, rep, caches, pos):  # (B, A+1) one-hot action of position pos-1, (B, E) encoding of pos
-        """forward() for the one new position pos, reusing the cached keys and values of positions < pos."""
-        x = self.ln(self.action_encoder(prev_action))  # (B, E)
+    def step(self, prev_action, rep, caches, pos):  # (B, A+1) one-hot action of position pos-1, (B, C) encoding of pos
+        """Speed-up: forward() for the one new position pos, reusing the cached keys and values of positions < pos."""
+        x = self.ln(self.action_encoder(prev_action))  # (B, C)
         for block, block_caches in zip(self.blocks, caches):
             x = block.step(x, rep, block_caches, pos)
         return self.head(x)  # (B, A) the action logits of agent sigma(pos)
@@ -730,36 +730,46 @@ class PMAT(nn.Module):
         self.decoder = Decoder(n_actions, n_embd, n_head, n_block)
         self.scorer = ScoringBlock(n_embd) if order == "pmat" else None  # MAT and rMAT learn no order
 
-    def order_log_weights(self, rep):  # (B, N, E) -> P-L log-weights z (B, N)
+    def get_value(self, obs):  # (B, N, obs_dim) -> (B, N), the critic's per-agent values (normalised, see ValueNorm)
+        return self.encoder(obs)[1]
+
+    def order_log_weights(self, rep):  # (B, N, C) -> P-L log-weights z (B, N)
         if self.order_mode == "pmat":
             return self.scorer(rep)
         return torch.zeros(rep.shape[:2], device=rep.device)  # rmat: equal weights = a uniformly random order
 
-    def get_order(self, rep, deterministic=False):
-        """Decision order sigma (B, N) and log P(sigma) (B,). Only PMAT's order is deterministic at evaluation."""
+    def decision_order(self, rep, deterministic=False):
+        """The decision order sigma (B, N) and log P(sigma) (B,). Only PMAT's order is deterministic at evaluation."""
         B, N, _ = rep.shape
         if self.order_mode == "mat":
             return torch.arange(N, device=rep.device).expand(B, N), torch.zeros(B, device=rep.device)
         return plackett_luce_sample(self.order_log_weights(rep), deterministic and self.order_mode == "pmat")
 
+    def sigma_log_prob(self, rep, sigma):  # (B, N, C), (B, N) -> log P(sigma) (B,), eq. 11; 0 for MAT's fixed order
+        if self.order_mode == "mat":
+            return torch.zeros(rep.shape[0], device=rep.device)
+        return plackett_luce_log_prob(self.order_log_weights(rep), sigma)
+
     def act(self, obs, avail, deterministic=False):
-        """Rollout. obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N) and values
-        (B, N) in agent order, the order (B, N) and its log-prob (B,)."""
-        with torch.inference_mode():  # like no_grad, but cheaper per op (the rollout is bound by per-op overhead)
+        """Rollout. obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N) and values (B, N) in agent
+        order, the decision order sigma (B, N) and its log-prob (B,)."""
+        with torch.inference_mode():  # speed: like no_grad, but cheaper per op (the rollout is bound by per-op overhead)
             rep, value = self.encoder(obs)
-            order, order_log_prob = self.get_order(rep, deterministic)
-            rep = gather_agents(rep, order)  # (B, N, E), reordered: position k holds agent sigma(k)
-            avail = gather_agents(avail, order)  # (B, N, A), the masks in the same order
+            sigma, sigma_log_prob = self.decision_order(rep, deterministic)
+            rep = gather_agents(rep, sigma)  # (B, N, C), reordered: position k holds agent sigma(k)
+            avail = gather_agents(avail, sigma)  # (B, N, A), the masks in the same order
             B, N, _ = rep.shape
-            # Auto-regressive decoding, one position per step: step k runs the decoder on position k only and reads
-            # the keys and values of positions < k from a cache, so no work is repeated (same outputs as forward()).
+            # Auto-regressive decoding (eq. 6): position k sees the actions of positions < k. The plain loop is
+            #     for k in range(N): out_k = self.decoder(prev_actions[:, : k + 1], rep[:, : k + 1])[:, k]
+            # which runs positions 0..k again at every k. Speed-up, same outputs: decoder.step runs position k alone
+            # and reads the keys and values of positions < k from a cache (Attention.step).
             caches = self.decoder.new_caches(B, N)
             start = torch.zeros(B, dtype=torch.long, device=obs.device)
             prev_action = F.one_hot(start, self.n_actions + 1).float()  # (B, A+1), the start token at k = 0
             actions, log_probs = [], []
             for k in range(N):
                 logits = masked_logits(self.decoder.step(prev_action, rep[:, k], caches, k), avail[:, k])  # (B, A)
-                log_p = logits.log_softmax(-1)  # (B, A); written out, as a Categorical object per step costs more
+                log_p = logits.log_softmax(-1)  # (B, A), the categorical policy of agent sigma(k)
                 # Gumbel-max: argmax(log p + Gumbel noise) is an exact sample (the P-L sampler's trick with one pick).
                 # The mask is applied again after the noise: an infinite noise draw must not lift an unavailable action.
                 noisy = log_p if deterministic else log_p - torch.log(torch.empty_like(log_p).exponential_())
@@ -768,28 +778,27 @@ class PMAT(nn.Module):
                 log_probs.append(log_p.gather(1, action[:, None]).squeeze(1))
                 prev_action = F.one_hot(action + 1, self.n_actions + 1).float()  # action a -> column a + 1; sigma(k+1) sees it
             action, log_prob = torch.stack(actions, 1), torch.stack(log_probs, 1)  # (B, N), in decision order
-            inverse = torch.argsort(order, dim=1)  # inverse[b, i] = position of agent i in the order
-            outputs = gather_agents(action, inverse), gather_agents(log_prob, inverse), value, order, order_log_prob
-        return tuple(x.clone() for x in outputs)  # inference tensors -> ordinary ones, usable in a training pass
+            inverse = torch.argsort(sigma, dim=1)  # inverse[b, i] = position of agent i in the order
+            outputs = gather_agents(action, inverse), gather_agents(log_prob, inverse), value, sigma, sigma_log_prob
+        return tuple(x.clone() for x in outputs)  # speed: inference tensors -> ordinary ones, usable in a training pass
 
-    def evaluate(self, obs, action, avail, order):
-        """Training pass: one teacher-forced decoder call over the stored actions, in the STORED order, so each
+    def evaluate_actions(self, obs, actions, sigma, avail=None):
+        """Training pass: one teacher-forced decoder call over the stored actions, in the STORED order sigma, so each
         agent's log-prob is conditioned on the same predecessors as in the rollout (paper eq. 6).
-        obs (B, N, obs_dim), action (B, N) long, avail (B, N, A) bool, order (B, N) -> log-probs (B, N),
-        entropy (B, N), values (B, N), log P(order) (B,)."""
+        obs (B, N, obs_dim), actions (B, N) long, sigma (B, N), avail (B, N, A) bool -> log-probs (B, N),
+        entropy (B, N), values (B, N), log P(sigma) (B,)."""
         rep, value = self.encoder(obs)
-        if self.order_mode == "mat":
-            order_log_prob = torch.zeros(obs.shape[0], device=obs.device)
-        else:
-            order_log_prob = plackett_luce_log_prob(self.order_log_weights(rep), order)
-        action_sigma = gather_agents(action, order)  # (B, N) in decision order
-        one_hot = F.one_hot(action_sigma, self.n_actions + 1).roll(1, dims=-1).float()  # action a -> column a + 1
-        start = F.one_hot(torch.zeros_like(action_sigma[:, :1]), self.n_actions + 1).float()  # (B, 1, A+1)
+        actions_sigma = gather_agents(actions, sigma)  # (B, N), in decision order
+        one_hot = F.one_hot(actions_sigma, self.n_actions + 1).roll(1, dims=-1).float()  # action a -> column a + 1
+        start = F.one_hot(torch.zeros_like(actions_sigma[:, :1]), self.n_actions + 1).float()  # (B, 1, A+1)
         prev_action = torch.cat([start, one_hot[:, :-1]], dim=1)  # (B, N, A+1), shifted right
-        logits = self.decoder(prev_action, gather_agents(rep, order))  # (B, N, A) in decision order
-        logits = gather_agents(logits, torch.argsort(order, dim=1))  # back in agent order
-        dist = Categorical(logits=masked_logits(logits, avail))
-        return dist.log_prob(action), dist.entropy(), value, order_log_prob
+        logits_sigma = self.decoder(prev_action, gather_agents(rep, sigma))  # (B, N, A), in decision order
+        logits = gather_agents(logits_sigma, torch.argsort(sigma, dim=1))  # (B, N, A), back in agent order
+        log_p = masked_logits(logits, avail).log_softmax(-1)  # (B, N, A), as in the rollout
+        log_prob = log_p.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, N)
+        entropy = -(log_p.exp() * log_p).sum(-1)  # (B, N); a masked action has p = 0 and adds 0
+        return log_prob, entropy, value, self.sigma_log_prob(rep, sigma)
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -904,7 +913,7 @@ def flatten_parameters(module):
     """Move all parameters of module, and their gradients, into one flat tensor each, and return that flat tensor
     as a single Parameter for the optimizer. The module's parameters become views into it, so the module works as
     before, but Adam, gradient clipping and zeroing each run as a few ops on one tensor instead of a few per
-    parameter tensor (about 70 here): on a CPU that is ~15% of a PPO mini-batch step with these small networks.
+    parameter tensor (about 70 here), a measurable share of a PPO mini-batch step with these small networks.
     Call it after module.to(device); zero the gradient with optimizer.zero_grad(set_to_none=False)."""
     params = list(module.parameters())
     flat = torch.cat([p.detach().reshape(-1) for p in params])
@@ -925,31 +934,37 @@ def masked_mean(x, mask):
     return x.mean() if mask is None else (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def ppo_loss(agent, args, evaluate_inputs, old_log_probs, old_order_log_probs, advantages, targets, old_values,
-             active=None):
-    """The loss of one PPO mini-batch of M samples. evaluate_inputs: the mini-batch's arguments of agent.evaluate
-    (observations, actions, stored orders, ...); the rollout's log-probs (M, N), order log-probs (M,), normalised
-    advantages (M, N), value targets and values (M, N); active (M, N) bool, the agents that acted (SMAC: alive), or
-    None when every agent always acts. The policy loss, the entropy and the ranking advantage average over active
-    agents only (as MAT); the value loss over all agents. Returns the loss and the logged parts (policy, value,
-    ranking, entropy, approx. KL, clip fraction)."""
-    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(*evaluate_inputs)
+def ppo_loss(agent, args, mb):
+    """The loss of one PPO mini-batch of M samples, and the values to log.
+
+    mb: the mini-batch, a dict of the rollout's tensors: "obs", "actions", "sigma" (M, N) the stored decision orders,
+    "avail" (SMAC's action masks; absent in the other scripts), "log_probs" (M, N) and "sigma_log_probs" (M,) under
+    the rollout's policy, "advantages" (M, N) normalised, "values" and "targets" (M, N) the rollout's normalised
+    values and value targets, "active" (M, N) bool the agents that acted (SMAC: alive; absent when all always act).
+    The policy loss, the entropy and the ranking advantage average over active agents only (as MAT); the value loss
+    over all agents. Returns (loss, logged): logged holds the detached policy_loss, value_loss, ranking_loss,
+    entropy, approx_kl and clipfrac.
+    """
+    new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate_actions(
+        mb["obs"], mb["actions"], mb["sigma"], mb.get("avail"))
+    advantages, active = mb["advantages"], mb.get("active")
 
     # Policy loss, eq. 5-6: per-agent clipped ratio with the agent's advantage
-    log_ratio = new_log_prob - old_log_probs
+    log_ratio = new_log_prob - mb["log_probs"]
     ratio = log_ratio.exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)  # (M, N)
     pg_loss = -masked_mean(surrogate, active)
 
     # Ranking loss, eq. 15-16: the order's clipped ratio with the advantage averaged over (active) agents
     if args.order == "pmat":
-        rank_ratio = (new_order_log_prob - old_order_log_probs).exp()
+        rank_ratio = (new_sigma_log_prob - mb["sigma_log_probs"]).exp()  # (M,)
         rank_adv = advantages.mean(1) if active is None else (advantages * active).sum(1) / active.sum(1).clamp(min=1)
         rank_loss = -torch.min(rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv).mean()
     else:
         rank_loss = torch.zeros((), device=advantages.device)
 
     # Value loss: clipped, Huber, on normalised targets
+    old_values, targets = mb["values"], mb["targets"]
     value_clipped = old_values + (new_value - old_values).clamp(-args.clip_coef, args.clip_coef)
     v_loss = torch.max(
         F.huber_loss(new_value, targets, reduction="none", delta=args.huber_delta),
@@ -959,9 +974,12 @@ def ppo_loss(agent, args, evaluate_inputs, old_log_probs, old_order_log_probs, a
     entropy_loss = masked_mean(entropy, active)
     loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.rank_coef * rank_loss
     with torch.no_grad():
-        approx_kl = masked_mean((ratio - 1) - log_ratio, active)
-        clipfrac = masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), active)
-    return loss, (pg_loss.detach(), v_loss.detach(), rank_loss.detach(), entropy_loss.detach(), approx_kl, clipfrac)
+        logged = {
+            "policy_loss": pg_loss, "value_loss": v_loss, "ranking_loss": rank_loss, "entropy": entropy_loss,
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, active),
+            "clipfrac": masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), active),
+        }
+    return loss, {name: value.detach() for name, value in logged.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1225,8 +1243,6 @@ if __name__ == "__main__":
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.torch_threads)
-    torch.backends.mkldnn.enabled = False  # oneDNN sets up each call: slower than plain kernels on these tiny tensors
     if args.compile:
         check_compiler(device)
 
@@ -1244,15 +1260,20 @@ if __name__ == "__main__":
 
     agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     value_norm = ValueNorm().to(device)
-    flat_params = flatten_parameters(agent)  # one tensor: a cheaper optimizer step (see the function)
-    if world_size > 1:
-        dist.broadcast(flat_params.data, src=0)  # torchrun: every rank starts from rank 0's weights
+
+    # Speed-ups, all in this block; none changes what is computed (their measurements: docs/speed.md)
+    torch.set_num_threads(args.torch_threads)  # default 1: these small networks gain nothing from more threads
+    torch.backends.mkldnn.enabled = False  # oneDNN sets up each call: slower than plain kernels on these tiny tensors
+    flat_params = flatten_parameters(agent)  # all weights in one tensor: Adam, clipping and zeroing in a few ops each
     optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
-    # Optional torch.compile: the same functions, fused into fewer, larger kernels (shapes are fixed, so no recompiles);
-    # on the CPU a C++ wrapper around the kernels also removes most of the Python overhead per kernel call
+    # --compile: the same functions, fused into fewer, larger kernels (shapes are fixed, so no recompiles); on the CPU
+    # a C++ wrapper around the kernels also removes most of the Python overhead per kernel call
     compile_options = {"cpp_wrapper": device.type == "cpu"}
     act = torch.compile(agent.act, dynamic=False, options=compile_options) if args.compile else agent.act
     loss_fn = torch.compile(ppo_loss, dynamic=False, options=compile_options) if args.compile else ppo_loss
+
+    if world_size > 1:
+        dist.broadcast(flat_params.data, src=0)  # torchrun: every rank starts from rank 0's weights
 
     # Rollout storage, time-major; E: this rank's envs
     T, E, N = args.num_steps, args.num_envs // world_size, n_agents
@@ -1261,8 +1282,8 @@ if __name__ == "__main__":
     action_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)
     log_prob_buf = torch.zeros((T, E, N), device=device)
     value_buf = torch.zeros((T, E, N), device=device)  # normalised, as the critic predicts them
-    order_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)
-    order_log_prob_buf = torch.zeros((T, E), device=device)
+    sigma_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)  # the decision orders
+    sigma_log_prob_buf = torch.zeros((T, E), device=device)
     reward_buf = torch.zeros((T, E), device=device)
     done_buf = torch.zeros((T, E), device=device)
     no_bootstrap = torch.zeros((T, E, N), device=device)  # SMAC: the time limit ends the battle (a loss), no bootstrap
@@ -1297,11 +1318,10 @@ if __name__ == "__main__":
             global_step += E * world_size  # every rank's env steps
             obs_buf[step], avail_buf[step] = next_obs, next_avail
             active_buf[step] = active_agents(next_avail, envs.dead_action)
-            # AGPS + auto-regressive decoding (eq. 8-11): sample an order, act in that order, restore agent order
-            action, log_prob, value, order, order_log_prob = act(next_obs, next_avail)
+            action, log_prob, value, sigma, sigma_log_prob = act(next_obs, next_avail)
             action_buf[step], log_prob_buf[step], value_buf[step] = action, log_prob, value
-            order_buf[step], order_log_prob_buf[step] = order, order_log_prob
-            first_counts += torch.bincount(order[:, 0], minlength=N)
+            sigma_buf[step], sigma_log_prob_buf[step] = sigma, sigma_log_prob
+            first_counts += torch.bincount(sigma[:, 0], minlength=N)
 
             next_obs_np, next_avail_np, reward, done, won = envs.step(action.cpu().numpy())
             next_obs, next_avail = torch.as_tensor(next_obs_np, device=device), torch.as_tensor(next_avail_np, device=device)
@@ -1320,34 +1340,36 @@ if __name__ == "__main__":
         update_start = time.time()
         # 2. GAE on de-normalised values, then the value normaliser (ValueNorm) sees the new targets
         with torch.no_grad():
-            next_value = value_norm.denormalize(agent.encoder(next_obs)[1])
+            next_value = value_norm.denormalize(agent.get_value(next_obs))
             values = value_norm.denormalize(value_buf)
             advantages, returns = compute_gae(reward_buf, values, done_buf, no_bootstrap, next_value, args.gamma, args.gae_lambda)
             value_norm.update(returns)
 
         # Flatten the batch: one sample = one time step of one env, all agents together
-        b_obs = obs_buf.reshape(-1, N, obs_dim)
-        b_avail = avail_buf.reshape(-1, N, n_actions)
-        b_actions = action_buf.reshape(-1, N)
-        b_log_probs = log_prob_buf.reshape(-1, N)
-        b_orders = order_buf.reshape(-1, N)
-        b_order_log_probs = order_log_prob_buf.reshape(-1)
-        b_values = value_buf.reshape(-1, N)
-        b_targets = value_norm.normalize(returns).reshape(-1, N)
-        b_active = active_buf.reshape(-1, N)
-        b_advantages = advantages.reshape(-1, N)
-        b_advantages = normalize_advantages(b_advantages, b_active)  # the alive agents' statistics (as MAT), all ranks
+        batch = {
+            "obs": obs_buf.reshape(-1, N, obs_dim),
+            "avail": avail_buf.reshape(-1, N, n_actions),
+            "actions": action_buf.reshape(-1, N),
+            "sigma": sigma_buf.reshape(-1, N),
+            "log_probs": log_prob_buf.reshape(-1, N),
+            "sigma_log_probs": sigma_log_prob_buf.reshape(-1),
+            "values": value_buf.reshape(-1, N),
+            "targets": value_norm.normalize(returns).reshape(-1, N),
+            "active": active_buf.reshape(-1, N),
+        }
+        # the alive agents' statistics (as MAT), over every rank's advantages (torchrun)
+        batch["advantages"] = normalize_advantages(advantages.reshape(-1, N), batch["active"])
 
         # 3. PPO epochs: per mini-batch, the clipped policy loss (eq. 5-6), the ranking loss on the stored orders
         #    (eq. 15-16), the entropy and the clipped value loss, then one clipped Adam step (guarded_step)
         clipfracs, skipped = [], 0
-        batch, minibatch = T * E, T * E // args.num_minibatches  # this rank's share (with torchrun, 1/W of the whole)
+        n_samples, mb_size = T * E, T * E // args.num_minibatches  # this rank's share (with torchrun, 1/W of the whole)
         for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(batch, device=device)
-            for start in range(0, batch, minibatch):
-                mb = b_inds[start : start + minibatch]
-                loss, stats = loss_fn(agent, args, (b_obs[mb], b_actions[mb], b_avail[mb], b_orders[mb]), b_log_probs[mb],
-                                      b_order_log_probs[mb], b_advantages[mb], b_targets[mb], b_values[mb], b_active[mb])
+            b_inds = torch.randperm(n_samples, device=device)
+            for start in range(0, n_samples, mb_size):
+                mb_inds = b_inds[start : start + mb_size]
+                mb = {key: value[mb_inds] for key, value in batch.items()}
+                loss, logged = loss_fn(agent, args, mb)
                 if guarded_step(optimizer, flat_params, loss, args.max_grad_norm):
                     skipped_in_a_row = 0
                 else:  # nothing non-finite reaches the weights; two iterations' worth in a row: stop
@@ -1357,8 +1379,8 @@ if __name__ == "__main__":
                             writer.close()
                         envs.close()
                         sys.exit(nonfinite_error(skipped_in_a_row, checkpoint_path) if rank == 0 else 1)
-                clipfracs.append(stats[-1])
-        pg_loss, v_loss, rank_loss, entropy_loss, approx_kl, _ = stats  # of the last mini-batch
+                clipfracs.append(logged["clipfrac"])
+        logged["clipfrac"] = torch.stack(clipfracs).mean()  # over every mini-batch; the other losses: the last one
 
         with torch.no_grad():
             y_true, y_pred = returns.flatten(), values.flatten()
@@ -1374,18 +1396,14 @@ if __name__ == "__main__":
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("perf/rollout_seconds", rollout_seconds, global_step)
         writer.add_scalar("perf/update_seconds", update_seconds, global_step)
-        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-        writer.add_scalar("losses/ranking_loss", rank_loss.item(), global_step)
-        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+        for name, value in logged.items():  # policy_loss, value_loss, ranking_loss, entropy, approx_kl, clipfrac
+            writer.add_scalar(f"losses/{name}", value.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/skipped_updates", skipped, global_step)
         if skipped:
             print(f"warning: iteration {iteration}: {skipped} of {args.update_epochs * args.num_minibatches} mini-batch "
                   f"updates skipped (non-finite loss or gradient norm); the weights did not take them", flush=True)
-        writer.add_scalar("order/neg_log_prob", -order_log_prob_buf.mean().item(), global_step)
+        writer.add_scalar("order/neg_log_prob", -sigma_log_prob_buf.mean().item(), global_step)
         for i, frac in enumerate((first_counts / (T * E)).tolist()):
             writer.add_scalar(f"order/agent{i}_first", frac, global_step)
         if backend == "sc2":

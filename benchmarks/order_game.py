@@ -182,8 +182,10 @@ def train(args, order, rank_coef, seed):
             perm = torch.randperm(B)
             for start in range(0, B, minibatch):
                 mb = perm[start : start + minibatch]
-                loss, _ = ppo_loss(agent, run_args, (obs[mb], action[mb], avail[mb], sigma[mb]), log_prob[mb],
-                                   sigma_log_prob[mb], advantages[mb], targets[mb], value[mb])
+                mb_data = {"obs": obs[mb], "actions": action[mb], "sigma": sigma[mb], "avail": avail[mb],
+                           "log_probs": log_prob[mb], "sigma_log_probs": sigma_log_prob[mb],
+                           "advantages": advantages[mb], "targets": targets[mb], "values": value[mb]}
+                loss, _ = ppo_loss(agent, run_args, mb_data)
                 guarded_step(optimizer, flat_params, loss, args.max_grad_norm)  # backward, clip, Adam step
 
         # 4. Curves: the mean of the last log_every rollouts

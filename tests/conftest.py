@@ -46,15 +46,16 @@ def perturbed_agent(module, order, obs_dim, act_dim, seed=0):
 
 
 def assert_compiled_loss_equals_eager(module, agent, flat, inputs):
-    """module.ppo_loss eager and torch.compile'd on the same mini-batch `inputs` (after agent and args): the same
-    loss, logged parts and gradient (in `flat`, from module.flatten_parameters)."""
+    """module.ppo_loss eager and torch.compile'd on the same mini-batch dict `inputs`: the same loss, logged values
+    and gradient (in `flat`, from module.flatten_parameters)."""
     args = module.Args(order="pmat")
     results = []
     for loss_fn in (module.ppo_loss, torch.compile(module.ppo_loss, dynamic=False)):
         flat.grad.zero_()
-        loss, stats = loss_fn(agent, args, *inputs)
+        loss, logged = loss_fn(agent, args, inputs)
         loss.backward()
-        results.append((loss.detach(), torch.stack(stats), flat.grad.clone()))
+        assert list(logged) == ["policy_loss", "value_loss", "ranking_loss", "entropy", "approx_kl", "clipfrac"]
+        results.append((loss.detach(), torch.stack(list(logged.values())), flat.grad.clone()))
     (loss_e, stats_e, grad_e), (loss_c, stats_c, grad_c) = results
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats_c, stats_e, rtol=1e-4, atol=1e-5)

@@ -57,8 +57,10 @@ def update(agent, batch, mb_indices):
     targets = value_norm.normalize(returns)
     advantages = pm.normalize_advantages(advantages)
     for mb in mb_indices:
-        loss, _ = pm.ppo_loss(agent, args, (obs[mb], action[mb], order[mb]), log_prob[mb], order_log_prob[mb],
-                              advantages[mb], targets[mb], value[mb])
+        minibatch = {"obs": obs[mb], "actions": action[mb], "sigma": order[mb], "log_probs": log_prob[mb],
+                     "sigma_log_probs": order_log_prob[mb], "advantages": advantages[mb], "targets": targets[mb],
+                     "values": value[mb]}
+        loss, _ = pm.ppo_loss(agent, args, minibatch)
         assert pm.guarded_step(optimizer, flat_params, loss, args.max_grad_norm)
     return flat_params.detach().clone(), torch.stack([value_norm.running_mean, value_norm.running_mean_sq])
 

@@ -40,14 +40,14 @@ def test_rollout_log_probs_equal_training_pass(order, n_agents):
     action, log_prob, value, sigma, order_log_prob = agent.act(obs)
     assert action.shape == (64, n_agents) and action.dtype == torch.long
     assert int(action.min()) >= 0 and int(action.max()) < 19
-    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(obs, action, sigma)
+    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate_actions(obs, action, sigma)
     assert (new_log_prob - log_prob).abs().max() < 1e-5
     assert (new_order_log_prob - order_log_prob).abs().max() < 1e-5
     torch.testing.assert_close(new_value, value)
     assert (entropy > 0).all() and (entropy <= math.log(19) + 1e-5).all()
     if order == "pmat":  # sensitive: re-evaluating in agent index order (the reference code) gives other log-probs
         identity = torch.arange(n_agents).expand(64, n_agents)
-        assert (agent.evaluate(obs, action, identity)[0] - log_prob).abs().max() > 1e-3
+        assert (agent.evaluate_actions(obs, action, identity)[0] - log_prob).abs().max() > 1e-3
     if order == "rmat":  # a uniformly random order: log P = -log N!
         torch.testing.assert_close(order_log_prob, torch.full((64,), -float(math.lgamma(n_agents + 1))))
     if order == "mat":

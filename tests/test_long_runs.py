@@ -171,7 +171,9 @@ def test_guarded_step_skips_non_finite_losses_and_gradients():
     action, log_prob, value, order, order_log_prob = agent.act(obs)
 
     def loss(advantages):
-        return pm.ppo_loss(agent, args, (obs, action, order), log_prob, order_log_prob, advantages, torch.randn(6, 4), value)[0]
+        mb = {"obs": obs, "actions": action, "sigma": order, "log_probs": log_prob, "sigma_log_probs": order_log_prob,
+              "advantages": advantages, "targets": torch.randn(6, 4), "values": value}
+        return pm.ppo_loss(agent, args, mb)[0]
 
     assert pm.guarded_step(optimizer, flat, loss(torch.randn(6, 4)), 0.5)  # Adam has a state now
     before = flat.detach().clone(), {k: v.clone() for k, v in optimizer.state[flat].items()}

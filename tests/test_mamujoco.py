@@ -3,6 +3,7 @@ import glob
 import math
 import os
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -60,13 +61,13 @@ def test_rollout_log_probs_equal_training_pass(order, n_agents):
     agent = perturbed_agent(order)
     obs = torch.randn(8, n_agents, 7)
     action, log_prob, value, sigma, order_log_prob = agent.act(obs)
-    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(obs, action, sigma)
+    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate_actions(obs, action, sigma)
     assert (new_log_prob - log_prob).abs().max() < 1e-5
     assert (new_order_log_prob - order_log_prob).abs().max() < 1e-5
     torch.testing.assert_close(new_value, value)
     if order == "pmat":  # the check is sensitive: re-evaluating in agent index order (the reference code) differs
         identity = torch.arange(n_agents).expand(8, n_agents)
-        assert (agent.evaluate(obs, action, identity)[0] - log_prob).abs().max() > 1e-3
+        assert (agent.evaluate_actions(obs, action, identity)[0] - log_prob).abs().max() > 1e-3
     if order == "rmat":  # a uniformly random order: log P = -log N!
         torch.testing.assert_close(order_log_prob, torch.full((8,), -float(math.lgamma(n_agents + 1))))
     if order == "mat":
@@ -190,9 +191,11 @@ def test_script_runs_and_logs(order, tmp_path):
     if order == "pmat":  # the checkpoint loads and evaluates
         agent, saved_args = pm.load_agent(glob.glob(os.path.join(run_dir, "*.cleanrl_model"))[0])
         assert saved_args["order"] == "pmat" and saved_args["agent_conf"] == "6x1"
-        env = pm.MaMuJoCoEnv("HalfCheetah", "6x1", agent_obsk=2)
-        returns = pm.evaluate_policy(agent, env, episodes=1, device="cpu")
-        assert len(returns) == 1 and np.isfinite(returns[0])
+        envs = gym.vector.SyncVectorEnv([lambda: pm.MaMuJoCoEnv("HalfCheetah", "6x1", agent_obsk=2)] * 2,
+                                        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        returns = pm.evaluate_policy(agent, envs, episodes=3, device="cpu")  # quotas 2 + 1
+        envs.close()
+        assert len(returns) == 3 and np.isfinite(returns).all()
     if order == "mat":
         assert scalars["order/agent0_first"][0][1] == 1.0  # the fixed order always starts with agent 0
 
@@ -286,14 +289,14 @@ def test_flat_parameters_train_exactly_like_separate_ones():
     assert flat.numel() == sum(p.numel() for p in reference.parameters())
     torch.manual_seed(6)
     obs, action, order = torch.randn(8, 4, 7), torch.randn(8, 4, 3), torch.stack([torch.randperm(4) for _ in range(8)])
-    for a, b in zip(agent.evaluate(obs, action, order), reference.evaluate(obs, action, order)):
+    for a, b in zip(agent.evaluate_actions(obs, action, order), reference.evaluate_actions(obs, action, order)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     ref_params = list(reference.parameters())
     ref_opt = torch.optim.Adam(ref_params, lr=1e-2, eps=1e-5, fused=True)
     opt = torch.optim.Adam([flat], lr=1e-2, eps=1e-5, fused=True)
     for step in range(5):
         for model, optimizer, clip_params in ((reference, ref_opt, ref_params), (agent, opt, [flat])):
-            log_prob, entropy, value, order_log_prob = model.evaluate(obs, action, order)
+            log_prob, entropy, value, order_log_prob = model.evaluate_actions(obs, action, order)
             loss = -log_prob.mean() + (value**2).mean() - order_log_prob.mean() - 0.1 * entropy.mean()
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
@@ -307,7 +310,24 @@ def test_flat_parameters_train_exactly_like_separate_ones():
     # a state dict saved from the flat model loads into a plain one (checkpoints are unchanged)
     plain = perturbed_agent("pmat", seed=1)
     plain.load_state_dict(agent.state_dict())
-    torch.testing.assert_close(plain.evaluate(obs, action, order)[0], agent.evaluate(obs, action, order)[0])
+    torch.testing.assert_close(plain.evaluate_actions(obs, action, order)[0], agent.evaluate_actions(obs, action, order)[0])
+
+
+def test_checkpoints_from_before_the_std_logit_rename_still_load(tmp_path):
+    """Decoder.log_std was renamed std_logit (std = 0.5 * sigmoid(std_logit) is not a log): a state dict with the
+    old key loads into the new parameter, directly and through load_agent (a --save-model file)."""
+    agent = perturbed_agent("pmat")
+    old = {("decoder.log_std" if k == "decoder.std_logit" else k): v for k, v in agent.state_dict().items()}
+    assert "decoder.log_std" in old and "decoder.std_logit" not in old
+    fresh = perturbed_agent("pmat", seed=1)
+    assert not torch.equal(fresh.decoder.std_logit, agent.decoder.std_logit)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.decoder.std_logit, agent.decoder.std_logit, rtol=0, atol=0)
+    path = tmp_path / "old.cleanrl_model"
+    args = {"order": "pmat", "n_embd": 16, "n_head": 2, "n_block": 2}
+    torch.save({"model": old, "args": args, "obs_dim": 7, "act_dim": 3}, path)
+    loaded, _ = pm.load_agent(str(path))
+    torch.testing.assert_close(loaded.decoder.std(), agent.decoder.std(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("zeroing", ["optimizer.zero_grad()", "module.zero_grad()"])
@@ -323,7 +343,7 @@ def test_the_usual_zero_grad_fails_loudly_instead_of_silently_stopping_learning(
     obs, action, order = torch.randn(8, 4, 7), torch.randn(8, 4, 3), torch.stack([torch.randperm(4) for _ in range(8)])
 
     def loss():
-        log_prob, entropy, value, order_log_prob = agent.evaluate(obs, action, order)
+        log_prob, entropy, value, order_log_prob = agent.evaluate_actions(obs, action, order)
         return -log_prob.mean() + (value**2).mean() - order_log_prob.mean()
 
     before = flat.detach().clone()
@@ -356,5 +376,7 @@ def test_compiled_policy_and_loss_equal_eager():
             flat.add_(0.05 * torch.randn_like(flat))  # an optimizer step, in place
     # the loss: same value and same gradient
     action, log_prob, value, order, order_log_prob = agent.act(obs)
-    inputs = ((obs, action, order), log_prob + 0.02, order_log_prob - 0.03, torch.randn(6, 4), torch.randn(6, 4), value)
+    inputs = {"obs": obs, "actions": action, "sigma": order, "log_probs": log_prob + 0.02,
+              "sigma_log_probs": order_log_prob - 0.03, "advantages": torch.randn(6, 4), "targets": torch.randn(6, 4),
+              "values": value}
     conftest.assert_compiled_loss_equals_eager(pm, agent, flat, inputs)

@@ -95,7 +95,7 @@ def test_rollout_log_probs_equal_training_pass(order, n_agents):
     torch.manual_seed(3)
     obs, avail = torch.randn(16, n_agents, 7), random_masks(16, n_agents, 5)
     action, log_prob, value, sigma, order_log_prob = agent.act(obs, avail)
-    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate(obs, action, avail, sigma)
+    new_log_prob, entropy, new_value, new_order_log_prob = agent.evaluate_actions(obs, action, sigma, avail)
     assert (new_log_prob - log_prob).abs().max() < 1e-5
     assert (new_order_log_prob - order_log_prob).abs().max() < 1e-5
     torch.testing.assert_close(new_value, value)
@@ -106,7 +106,7 @@ def test_rollout_log_probs_equal_training_pass(order, n_agents):
     assert log_prob[single].abs().max() < 1e-6 and entropy[single].abs().max() < 1e-6
     if order == "pmat":  # the check is sensitive: re-evaluating in agent index order (the reference code) differs
         identity = torch.arange(n_agents).expand(16, n_agents)
-        assert (agent.evaluate(obs, action, avail, identity)[0] - log_prob).abs().max() > 1e-3
+        assert (agent.evaluate_actions(obs, action, identity, avail)[0] - log_prob).abs().max() > 1e-3
     if order == "rmat":  # a uniformly random order: log P = -log N!
         torch.testing.assert_close(order_log_prob, torch.full((16,), -float(math.lgamma(n_agents + 1))))
 
@@ -118,13 +118,13 @@ def test_deterministic_actions_are_the_argmax_of_the_teacher_forced_pass(order):
     torch.manual_seed(4)
     obs, avail = torch.randn(8, 6, 7), random_masks(8, 6, 5)
     action, _, _, sigma, _ = agent.act(obs, avail, deterministic=True)
-    log_prob, _, _, _ = agent.evaluate(obs, action, avail, sigma)
+    log_prob, _, _, _ = agent.evaluate_actions(obs, action, sigma, avail)
     for other in range(5):  # no single-agent change of action (keeping the rest) can be more likely for that agent
         for i in range(6):
             changed = action.clone()
             changed[:, i] = other
             ok = avail[:, i, other]
-            alt = agent.evaluate(obs, changed, avail, sigma)[0][:, i]
+            alt = agent.evaluate_actions(obs, changed, sigma, avail)[0][:, i]
             assert (alt[ok] <= log_prob[ok, i] + 1e-6).all()
 
 
@@ -207,22 +207,23 @@ def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
     active = ps.active_agents(avail, ps.Sc2VecEnv.dead_action)
     assert torch.equal(active, ~dead)
     action, log_prob, value, sigma, sigma_log_prob = agent.act(obs, avail)
-    new_log_prob = agent.evaluate(obs, action, avail, sigma)[0]
+    new_log_prob = agent.evaluate_actions(obs, action, sigma, avail)[0]
     assert (new_log_prob - log_prob).abs().max() < 1e-5 and log_prob[dead].abs().max() < 1e-6  # ratio 1
 
     args = ps.Args(order="pmat", rank_coef=0.5)  # a visible ranking term
     old_log_prob = log_prob + 0.1 * torch.randn(B, N) * active  # ratios away from 1, some clipped
     old_sigma_log_prob = sigma_log_prob + 0.1 * torch.randn(B)
     advantages, targets = torch.randn(B, N), torch.randn(B, N)
-    inputs = ((obs, action, avail, sigma), old_log_prob, old_sigma_log_prob, advantages, targets, value)
+    inputs = {"obs": obs, "actions": action, "sigma": sigma, "avail": avail, "log_probs": old_log_prob,
+              "sigma_log_probs": old_sigma_log_prob, "advantages": advantages, "targets": targets, "values": value}
 
     flat.grad.zero_()
-    loss, stats = ps.ppo_loss(agent, args, *inputs, active)
+    loss, logged = ps.ppo_loss(agent, args, {**inputs, "active": active})
     loss.backward()
     grad = flat.grad.clone()
 
     flat.grad.zero_()  # the reference: per-agent terms, dead agents' terms dropped by indexing
-    new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate(obs, action, avail, sigma)
+    new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate_actions(obs, action, sigma, avail)
     ratio = (new_log_prob - old_log_prob).exp()
     terms = torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)
     pg = -terms[active].mean()
@@ -237,10 +238,11 @@ def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
     reference = pg - args.ent_coef * ent + args.vf_coef * v + args.rank_coef * rank
     reference.backward()
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(torch.stack(stats[:4]), torch.stack([pg, v, rank, ent]).detach(), rtol=1e-6, atol=1e-7)
+    parts = torch.stack([logged[name] for name in ("policy_loss", "value_loss", "ranking_loss", "entropy")])
+    torch.testing.assert_close(parts, torch.stack([pg, v, rank, ent]).detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, flat.grad, rtol=1e-5, atol=1e-7)
     assert (ratio[active] - 1).abs().max() > 0.05  # the ratios really differ from 1
-    assert (ps.ppo_loss(agent, args, *inputs)[0] - loss).abs() > 1e-4  # without the mask the loss differs
+    assert (ps.ppo_loss(agent, args, inputs)[0] - loss).abs() > 1e-4  # without the mask the loss differs
 
 
 DESIGN_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "DESIGN.md")
@@ -462,5 +464,7 @@ def test_compiled_policy_and_loss_equal_eager():
     for a, b in zip(act(obs, avail, deterministic=True), agent.act(obs, avail, deterministic=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     action, log_prob, value, order, order_log_prob = agent.act(obs, avail)
-    inputs = ((obs, action, avail, order), log_prob + 0.02, order_log_prob - 0.03, torch.randn(6, 4), torch.randn(6, 4), value)
+    inputs = {"obs": obs, "actions": action, "sigma": order, "avail": avail, "log_probs": log_prob + 0.02,
+              "sigma_log_probs": order_log_prob - 0.03, "advantages": torch.randn(6, 4), "targets": torch.randn(6, 4),
+              "values": value}
     conftest.assert_compiled_loss_equals_eager(ps, agent, flat, inputs)
