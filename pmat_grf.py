@@ -18,6 +18,7 @@ reward of the paper's runs, so scores are not directly comparable with the paper
 Install gfootball first (it compiles a C++ engine):  bash scripts/install_grf.sh
 Run:  python pmat_grf.py --env-name academy_3_vs_1_with_keeper          (see --help for every flag)
 """
+
 import contextlib
 import io
 import os
@@ -75,11 +76,13 @@ class Args:
     env_name: str = "academy_3_vs_1_with_keeper"
     """the gfootball scenario (any module of gfootball.scenarios; a bad name lists them)"""
     num_agents: Optional[int] = None
-    """left-team players the agents control (the paper's 3, 2, 4 for 3_vs_1_with_keeper, pass_and_shoot_with_keeper, counterattack_easy; needed for other scenarios)"""
+    """left-team players the agents control (the paper's 3, 2, 4 for 3_vs_1_with_keeper, pass_and_shoot_with_keeper,
+    counterattack_easy; needed for other scenarios)"""
     representation: Literal["simple115v2", "simple115"] = "simple115v2"
     """the observation: gfootball's 115-float vector per player (v2: each player keeps its slot, missing ones are -1)"""
     rewards: str = "scoring,checkpoints"
-    """"scoring" = +1/-1 per goal; "scoring,checkpoints" adds +0.1 per distance checkpoint to the goal reached with the ball (10 in all)"""
+    """"scoring" = +1/-1 per goal; "scoring,checkpoints" adds +0.1 per distance checkpoint to the goal reached with
+    the ball (10 in all)"""
     async_envs: bool = True
     """step the envs in subprocesses when num_envs > 1 (--no-async-envs: all in this process)"""
 
@@ -178,15 +181,19 @@ def check_env_args(env_name, num_agents, rewards="scoring,checkpoints"):
         sys.exit(f"error: unknown --env-name {env_name!r}. gfootball scenarios: {', '.join(scenarios)}")
     if num_agents is None:
         if env_name not in PAPER_AGENTS:
-            sys.exit(f"error: --env-name {env_name} needs --num-agents (it has a default only for the paper's "
-                     f"scenarios: {', '.join(f'{k} ({v})' for k, v in PAPER_AGENTS.items())})")
+            sys.exit(
+                f"error: --env-name {env_name} needs --num-agents (it has a default only for the paper's "
+                f"scenarios: {', '.join(f'{k} ({v})' for k, v in PAPER_AGENTS.items())})"
+            )
         num_agents = PAPER_AGENTS[env_name]
     from gfootball.env import config
 
     players = len(config.Config({"level": env_name}).ScenarioConfig().left_team)  # builds the scenario, no engine
     if not 1 <= num_agents <= players:
-        sys.exit(f"error: --num-agents {num_agents} does not fit {env_name}: its left team has {players} players "
-                 f"(accepted: 1 to {players})")
+        sys.exit(
+            f"error: --num-agents {num_agents} does not fit {env_name}: its left team has {players} players "
+            f"(accepted: 1 to {players})"
+        )
     return num_agents
 
 
@@ -219,7 +226,10 @@ class FootballEnv(gym.Env):
                 self.env.close()
             self.engine_seed = int(self.np_random.integers(2**31))  # drawn from reset's seed: reproducible games
             self.env = import_gfootball().create_environment(
-                env_name=self.env_name, representation=self.representation, rewards=self.rewards, render=False,
+                env_name=self.env_name,
+                representation=self.representation,
+                rewards=self.rewards,
+                render=False,
                 number_of_left_players_agent_controls=self.num_agents,
                 other_config_options={"game_engine_random_seed": self.engine_seed},
             )
@@ -400,8 +410,12 @@ class ScoringBlock(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.LayerNorm(n_embd),
-            layer_init(nn.Linear(n_embd, hidden), GELU_GAIN), nn.GELU(), nn.LayerNorm(hidden),
-            layer_init(nn.Linear(hidden, hidden), GELU_GAIN), nn.GELU(), nn.LayerNorm(hidden),
+            layer_init(nn.Linear(n_embd, hidden), GELU_GAIN),
+            nn.GELU(),
+            nn.LayerNorm(hidden),
+            layer_init(nn.Linear(hidden, hidden), GELU_GAIN),
+            nn.GELU(),
+            nn.LayerNorm(hidden),
             layer_init(nn.Linear(hidden, 1), 0.01),
         )
 
@@ -420,7 +434,10 @@ class Decoder(nn.Module):
         self.ln = nn.LayerNorm(n_embd)
         self.blocks = nn.ModuleList([DecodeBlock(n_embd, n_head) for _ in range(n_block)])
         self.head = nn.Sequential(
-            layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), nn.LayerNorm(n_embd), layer_init(nn.Linear(n_embd, n_actions))
+            layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN),
+            nn.GELU(),
+            nn.LayerNorm(n_embd),
+            layer_init(nn.Linear(n_embd, n_actions)),
         )
 
     def forward(self, prev_action, rep):  # (B, L, A+1) shifted one-hot actions, (B, L, C) encodings, in decision order
@@ -432,7 +449,9 @@ class Decoder(nn.Module):
     def new_caches(self, batch, n_agents):
         """Speed-up: empty key/value caches for a rollout, two (B, N, 2C) per block, one per attention layer."""
         n_embd = self.ln.normalized_shape[0]
-        return [[torch.zeros(batch, n_agents, 2 * n_embd, device=self.ln.weight.device) for _ in range(2)] for _ in self.blocks]
+        return [
+            [torch.zeros(batch, n_agents, 2 * n_embd, device=self.ln.weight.device) for _ in range(2)] for _ in self.blocks
+        ]
 
     def step(self, prev_action, rep, caches, pos):  # (B, A+1) one-hot action of position pos-1, (B, C) encoding of pos
         """Speed-up: forward() for the one new position pos, reusing the cached keys and values of positions < pos."""
@@ -443,6 +462,10 @@ class Decoder(nn.Module):
 
 
 class PMAT(nn.Module):
+    """MAT + AGPS. The encoder gives each agent an encoding and a value; the scoring block (PMAT only) turns the
+    encodings into Plackett-Luce log-weights, from which the decision order sigma is drawn (eq. 8, 11); the decoder
+    then acts agent by agent in that order (eq. 6). act() is the rollout, evaluate_actions() the training pass."""
+
     def __init__(self, obs_dim, n_actions, order="pmat", n_embd=64, n_head=1, n_block=1):
         super().__init__()
         self.order_mode, self.n_actions = order, n_actions
@@ -516,7 +539,6 @@ class PMAT(nn.Module):
         log_prob = log_p.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, N)
         entropy = -(log_p.exp() * log_p).sum(-1)  # (B, N); a masked action has p = 0 and adds 0
         return log_prob, entropy, value, self.sigma_log_prob(rep, sigma)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -664,7 +686,8 @@ def ppo_loss(agent, args, mb):
     entropy, approx_kl and clipfrac.
     """
     new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate_actions(
-        mb["obs"], mb["actions"], mb["sigma"], mb.get("avail"))
+        mb["obs"], mb["actions"], mb["sigma"], mb.get("avail")
+    )
     advantages, active = mb["advantages"], mb.get("active")
 
     # Policy loss, eq. 5-6: per-agent clipped ratio with the agent's advantage
@@ -677,7 +700,9 @@ def ppo_loss(agent, args, mb):
     if args.order == "pmat":
         rank_ratio = (new_sigma_log_prob - mb["sigma_log_probs"]).exp()  # (M,)
         rank_adv = advantages.mean(1) if active is None else (advantages * active).sum(1) / active.sum(1).clamp(min=1)
-        rank_loss = -torch.min(rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv).mean()
+        rank_loss = -torch.min(
+            rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv
+        ).mean()
     else:
         rank_loss = torch.zeros((), device=advantages.device)
 
@@ -693,7 +718,10 @@ def ppo_loss(agent, args, mb):
     loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.rank_coef * rank_loss
     with torch.no_grad():
         logged = {
-            "policy_loss": pg_loss, "value_loss": v_loss, "ranking_loss": rank_loss, "entropy": entropy_loss,
+            "policy_loss": pg_loss,
+            "value_loss": v_loss,
+            "ranking_loss": rank_loss,
+            "entropy": entropy_loss,
             "approx_kl": masked_mean((ratio - 1) - log_ratio, active),
             "clipfrac": masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), active),
         }
@@ -746,8 +774,10 @@ def check_compiler(device):
         need, variable, package = "on the GPU needs a C compiler (for Triton)", "CC", "gcc"
         compilers = [os.environ["CC"]] if "CC" in os.environ else ["gcc", "clang"]
     if not any(shutil.which(compiler) for compiler in compilers):
-        sys.exit(f"error: --compile {need}: {' or '.join(map(repr, compilers))} not found (e.g. apt install "
-                 f"{package}, or set ${variable}); or run without --compile")
+        sys.exit(
+            f"error: --compile {need}: {' or '.join(map(repr, compilers))} not found (e.g. apt install "
+            f"{package}, or set ${variable}); or run without --compile"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -758,11 +788,22 @@ CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint_prev.pt"  # in th
 
 def check_args(args):
     """Exit with one `error:` line naming the flag, its value and what it accepts, before anything is built."""
+
     def bad(name, accepted):
         sys.exit(f"error: --{name.replace('_', '-')} must be {accepted}, got {getattr(args, name)}")
 
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "n_block", "n_embd",
-                 "n_head", "eval_episodes", "torch_threads"):
+    for name in (
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "n_block",
+        "n_embd",
+        "n_head",
+        "eval_episodes",
+        "torch_threads",
+    ):
         if getattr(args, name) < 1:
             bad(name, "at least 1")
     for name in ("eval_interval", "checkpoint_interval"):
@@ -785,10 +826,22 @@ def checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args,
     """All a resumed run needs: weights, Adam's state, ValueNorm, the progress, every RNG state and the flags; extra
     (the network's input and output sizes) lets load_agent rebuild the agent from a checkpoint as well."""
     numpy_state = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
-           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
-    return {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "value_norm": value_norm.state_dict(),
-            "iteration": iteration, "global_step": global_step, "rng": rng, "args": dict(vars(args)), **extra}
+    rng = {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    return {
+        "model": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "value_norm": value_norm.state_dict(),
+        "iteration": iteration,
+        "global_step": global_step,
+        "rng": rng,
+        "args": dict(vars(args)),
+        **extra,
+    }
 
 
 def save_checkpoint(run_dir, state):
@@ -857,12 +910,17 @@ def resume_args(args, fixed):
         differ.append("run_dir")
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if differ:
-        sys.exit(f"error: --resume {path} was trained with {', '.join(f'{flag(n)} {getattr(saved, n)}' for n in differ)}, "
-                 f"but this call gives {', '.join(f'{flag(n)} {getattr(given, n)}' for n in differ)}: these must stay as "
-                 f"they were to continue the run (leave them out; a different set-up is a new run)")
+        sys.exit(
+            f"error: --resume {path} was trained with {', '.join(f'{flag(n)} {getattr(saved, n)}' for n in differ)}, "
+            f"but this call gives {', '.join(f'{flag(n)} {getattr(given, n)}' for n in differ)}: these must stay as "
+            f"they were to continue the run (leave them out; a different set-up is a new run)"
+        )
     changed = [name for name in names if name not in fixed and getattr(given, name) != getattr(saved, name)]
     if changed:
-        print("resuming with changed flags: " + ", ".join(f"{flag(n)} {getattr(saved, n)} -> {getattr(given, n)}" for n in changed))
+        print(
+            "resuming with changed flags: "
+            + ", ".join(f"{flag(n)} {getattr(saved, n)} -> {getattr(given, n)}" for n in changed)
+        )
     return given, checkpoint, path
 
 
@@ -887,9 +945,11 @@ def guarded_step(optimizer, flat_params, loss, max_grad_norm):
     loss.backward()
     first = flat_params.first_view  # zero_grad() / module.zero_grad() would cut the gradients off: fail loudly
     if flat_params.grad is None or first.grad is None or first.grad.data_ptr() != flat_params.grad.data_ptr():
-        raise RuntimeError("the gradients no longer reach the flat parameter, so Adam would not see them and the weights "
-                           "would stop changing: zero them with optimizer.zero_grad(set_to_none=False), not "
-                           "optimizer.zero_grad() or module.zero_grad() (flatten_parameters keeps all of them in one tensor)")
+        raise RuntimeError(
+            "the gradients no longer reach the flat parameter, so Adam would not see them and the weights "
+            "would stop changing: zero them with optimizer.zero_grad(set_to_none=False), not "
+            "optimizer.zero_grad() or module.zero_grad() (flatten_parameters keeps all of them in one tensor)"
+        )
     if dist.is_initialized():  # torchrun: every rank steps with the mean of the ranks' gradients
         flat_params.grad.add_(loss.detach() * 0)  # a non-finite loss on one rank turns every rank's gradient into nan
         all_reduce_mean(flat_params.grad)  # one call for all weights (they are one flat tensor)
@@ -902,52 +962,80 @@ def guarded_step(optimizer, flat_params, loss, max_grad_norm):
 
 def nonfinite_error(skipped, checkpoint_path):
     """The message that stops a run whose mini-batch updates have been skipped `skipped` times in a row."""
-    where = (f"the last good checkpoint is {checkpoint_path}: continue from it with --resume {checkpoint_path} "
-             f"(perhaps with a lower --learning-rate)" if checkpoint_path else "no checkpoint was written")
-    return (f"error: stopped: {skipped} mini-batch updates in a row had a non-finite loss or gradient norm and were "
-            f"skipped (the weights stayed finite); {where}")
+    where = (
+        f"the last good checkpoint is {checkpoint_path}: continue from it with --resume {checkpoint_path} "
+        f"(perhaps with a lower --learning-rate)"
+        if checkpoint_path
+        else "no checkpoint was written"
+    )
+    return (
+        f"error: stopped: {skipped} mini-batch updates in a row had a non-finite loss or gradient norm and were "
+        f"skipped (the weights stayed finite); {where}"
+    )
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
     if args.resume:  # the flags that define the run must stay as the checkpoint has them
-        args, checkpoint, checkpoint_path = resume_args(args, ("env_name", "num_agents", "representation", "rewards",
-                                                               "order", "n_block", "n_embd", "n_head", "seed"))
+        args, checkpoint, checkpoint_path = resume_args(
+            args, ("env_name", "num_agents", "representation", "rewards", "order", "n_block", "n_embd", "n_head", "seed")
+        )
     check_args(args)
     args.num_agents = check_env_args(args.env_name, args.num_agents, args.rewards)
     # torchrun: --num-envs is the total; each of the W ranks runs num_envs / W envs and updates on its own share
     rank, world_size, device = setup_distributed(args.cuda)
     if args.num_envs % world_size != 0:
-        sys.exit(f"error: --num-envs {args.num_envs} does not split over the {world_size} ranks of this torchrun; choose a "
-                 f"multiple of {world_size}" if rank == 0 else 1)
+        sys.exit(
+            f"error: --num-envs {args.num_envs} does not split over the {world_size} ranks of this torchrun; choose a "
+            f"multiple of {world_size}"
+            if rank == 0
+            else 1
+        )
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % (world_size * args.num_minibatches) != 0:
         sys.exit(
             f"error: num_envs * num_steps = {args.batch_size} does not split into --num-minibatches "
             f"{args.num_minibatches}{f' on each of {world_size} ranks' if world_size > 1 else ''}; choose values where "
-            f"it divides evenly" if rank == 0 else 1
+            f"it divides evenly"
+            if rank == 0
+            else 1
         )
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.num_iterations < 1:
-        sys.exit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout (num_envs * num_steps = {args.batch_size})")
+        sys.exit(
+            f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
+            f"(num_envs * num_steps = {args.batch_size})"
+        )
     run_name = f"{args.env_name}-{args.num_agents}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
     run_dir = args.run_dir or f"runs/{run_name}"
     if checkpoint is None and any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
-        sys.exit(f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
-                 f"or choose another --run-dir")
+        sys.exit(
+            f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
+            f"or choose another --run-dir"
+        )
     writer = None  # rank 0 alone logs, evaluates, prints and saves
     if rank == 0 and args.track:
         try:
             import wandb
         except ImportError:
             sys.exit("error: --track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
     if rank == 0:  # a resumed run purges the events its first life logged after the checkpoint: each step is logged once
         writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
-                        0 if checkpoint is None else checkpoint["global_step"] + 1)
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
+            0 if checkpoint is None else checkpoint["global_step"] + 1,
+        )
 
     # Seeding: each rank has its own random streams (orders, actions, envs); rank 0's are those of a plain run
     random.seed(args.seed + rank)
@@ -967,9 +1055,13 @@ if __name__ == "__main__":
         eval_envs = make_envs(args, min(args.num_envs, args.eval_episodes), async_envs)
         eval_envs.reset(seed=args.seed + 10_000)  # builds and seeds the evaluation games once
     if rank == 0:
-        print(f"{args.env_name}: {n_agents} agents, obs {obs_dim}, actions {n_actions}, rewards {args.rewards}; order={args.order}; "
-              f"{args.num_envs} {'async' if async_envs else 'sync'} envs"
-              f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}", flush=True)
+        print(
+            f"{args.env_name}: {n_agents} agents, obs {obs_dim}, actions {n_actions}, rewards {args.rewards}; "
+            f"order={args.order}; "
+            f"{args.num_envs} {'async' if async_envs else 'sync'} envs"
+            f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}",
+            flush=True,
+        )
 
     agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     value_norm = ValueNorm().to(device)
@@ -1010,8 +1102,11 @@ if __name__ == "__main__":
             np.random.seed(args.seed + rank + global_step)
             torch.manual_seed(args.seed + rank + global_step)
         if rank == 0:
-            print(f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
-                  f"{global_step}; the envs start fresh episodes (an env's state is not in the checkpoint)", flush=True)
+            print(
+                f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
+                f"{global_step}; the envs start fresh episodes (an env's state is not in the checkpoint)",
+                flush=True,
+            )
     start_time, start_step = time.time(), global_step
     skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
     next_obs, _ = envs.reset(seed=args.seed + global_step + rank * E)  # env e of rank r: seed + r * E + e
@@ -1041,7 +1136,9 @@ if __name__ == "__main__":
             if cut.any():  # the time limit ended these episodes: bootstrap from the value of their last obs
                 final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
                 with torch.no_grad():
-                    bootstrap_buf[step, torch.as_tensor(cut, device=device)] = value_norm.denormalize(agent.get_value(final_obs))
+                    bootstrap_buf[step, torch.as_tensor(cut, device=device)] = value_norm.denormalize(
+                        agent.get_value(final_obs)
+                    )
 
             episode_return += reward
             episode_score += step_scores(info, terminated | truncated)  # goals, from info["score_reward"]
@@ -1057,7 +1154,9 @@ if __name__ == "__main__":
         with torch.no_grad():
             next_value = value_norm.denormalize(agent.get_value(next_obs))
             values = value_norm.denormalize(value_buf)
-            advantages, returns = compute_gae(reward_buf, values, done_buf, bootstrap_buf, next_value, args.gamma, args.gae_lambda)
+            advantages, returns = compute_gae(
+                reward_buf, values, done_buf, bootstrap_buf, next_value, args.gamma, args.gae_lambda
+            )
             value_norm.update(returns)
 
         # Flatten the batch: one sample = one time step of one env, all agents together
@@ -1115,8 +1214,11 @@ if __name__ == "__main__":
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/skipped_updates", skipped, global_step)
         if skipped:
-            print(f"warning: iteration {iteration}: {skipped} of {args.update_epochs * args.num_minibatches} mini-batch "
-                  f"updates skipped (non-finite loss or gradient norm); the weights did not take them", flush=True)
+            print(
+                f"warning: iteration {iteration}: {skipped} of {args.update_epochs * args.num_minibatches} mini-batch "
+                f"updates skipped (non-finite loss or gradient norm); the weights did not take them",
+                flush=True,
+            )
         writer.add_scalar("order/neg_log_prob", -sigma_log_prob_buf.mean().item(), global_step)
         for i, frac in enumerate((first_counts / (T * E)).tolist()):
             writer.add_scalar(f"order/agent{i}_first", frac, global_step)
@@ -1130,30 +1232,49 @@ if __name__ == "__main__":
             writer.add_scalar("eval/episode_score", np.mean(eval_scores), global_step)
             writer.add_scalar("eval/win_rate", np.mean(np.array(eval_scores) > 0), global_step)
             writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
-            print(f"  eval: score {np.mean(eval_scores):.3f}, win rate {np.mean(np.array(eval_scores) > 0):.3f}, "
-                  f"return {np.mean(eval_returns):.2f} over {len(eval_scores)} episodes", flush=True)
+            print(
+                f"  eval: score {np.mean(eval_scores):.3f}, win rate {np.mean(np.array(eval_scores) > 0):.3f}, "
+                f"return {np.mean(eval_returns):.2f} over {len(eval_scores)} episodes",
+                flush=True,
+            )
         if finished_returns:
-            stats = (f"return {np.mean(finished_returns):6.2f} | score {np.mean(finished_scores):5.3f} | "
-                     f"win rate {np.mean(np.array(finished_scores) > 0):5.3f} | {len(finished_scores)} episodes")
+            stats = (
+                f"return {np.mean(finished_returns):6.2f} | score {np.mean(finished_scores):5.3f} | "
+                f"win rate {np.mean(np.array(finished_scores) > 0):5.3f} | {len(finished_scores)} episodes"
+            )
         else:
             stats = "no episode finished"
         eta = (args.num_iterations - iteration) * (time.time() - start_time) / (iteration - start_iteration + 1)
-        print(f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | {stats} | "
-              f"left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
+        print(
+            f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | {stats} | "
+            f"left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}",
+            flush=True,
+        )
         last = iteration == args.num_iterations
         if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
             writer.flush()  # the events up to this step are on disk before a checkpoint says the run got here
-            state = checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args, obs_dim=obs_dim,
-                                     n_actions=n_actions)
+            state = checkpoint_state(
+                agent, optimizer, value_norm, iteration, global_step, args, obs_dim=obs_dim, n_actions=n_actions
+            )
             checkpoint_path = save_checkpoint(run_dir, state) or checkpoint_path
     if rank == 0 and start_iteration > args.num_iterations:
-        print(f"the checkpoint is at iteration {start_iteration - 1} of {args.num_iterations}: nothing left to train "
-              f"(a larger --total-timesteps extends the run)")
+        print(
+            f"the checkpoint is at iteration {start_iteration - 1} of {args.num_iterations}: nothing left to train "
+            f"(a larger --total-timesteps extends the run)"
+        )
 
     if rank == 0 and args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        torch.save({"model": agent.state_dict(), "value_norm": value_norm.state_dict(), "args": vars(args),
-                    "obs_dim": obs_dim, "n_actions": n_actions}, model_path)
+        torch.save(
+            {
+                "model": agent.state_dict(),
+                "value_norm": value_norm.state_dict(),
+                "args": vars(args),
+                "obs_dim": obs_dim,
+                "n_actions": n_actions,
+            },
+            model_path,
+        )
         print(f"model saved to {model_path}")
     envs.close()
     if eval_envs is not None:

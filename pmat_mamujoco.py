@@ -11,6 +11,7 @@ PMAT = MAT + AGPS:
 
 Run:  python pmat_mamujoco.py --scenario Ant --agent-conf 4x2        (see --help for every flag)
 """
+
 import contextlib
 import io
 import math
@@ -366,8 +367,12 @@ class ScoringBlock(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.LayerNorm(n_embd),
-            layer_init(nn.Linear(n_embd, hidden), GELU_GAIN), nn.GELU(), nn.LayerNorm(hidden),
-            layer_init(nn.Linear(hidden, hidden), GELU_GAIN), nn.GELU(), nn.LayerNorm(hidden),
+            layer_init(nn.Linear(n_embd, hidden), GELU_GAIN),
+            nn.GELU(),
+            nn.LayerNorm(hidden),
+            layer_init(nn.Linear(hidden, hidden), GELU_GAIN),
+            nn.GELU(),
+            nn.LayerNorm(hidden),
             layer_init(nn.Linear(hidden, 1), 0.01),
         )
 
@@ -387,7 +392,10 @@ class Decoder(nn.Module):
         self.ln = nn.LayerNorm(n_embd)
         self.blocks = nn.ModuleList([DecodeBlock(n_embd, n_head) for _ in range(n_block)])
         self.head = nn.Sequential(
-            layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), nn.LayerNorm(n_embd), layer_init(nn.Linear(n_embd, act_dim))
+            layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN),
+            nn.GELU(),
+            nn.LayerNorm(n_embd),
+            layer_init(nn.Linear(n_embd, act_dim)),
         )
         self.std_logit = nn.Parameter(torch.ones(act_dim))
 
@@ -400,7 +408,9 @@ class Decoder(nn.Module):
     def new_caches(self, batch, n_agents):
         """Speed-up: empty key/value caches for a rollout, two (B, N, 2C) per block, one per attention layer."""
         n_embd = self.ln.normalized_shape[0]
-        return [[torch.zeros(batch, n_agents, 2 * n_embd, device=self.ln.weight.device) for _ in range(2)] for _ in self.blocks]
+        return [
+            [torch.zeros(batch, n_agents, 2 * n_embd, device=self.ln.weight.device) for _ in range(2)] for _ in self.blocks
+        ]
 
     def step(self, prev_action, rep, caches, pos):  # (B, A) action of position pos-1, (B, C) encoding of position pos
         """Speed-up: forward() for the one new position pos, reusing the cached keys and values of positions < pos."""
@@ -424,6 +434,10 @@ def gaussian_entropy(std):
 
 
 class PMAT(nn.Module):
+    """MAT + AGPS. The encoder gives each agent an encoding and a value; the scoring block (PMAT only) turns the
+    encodings into Plackett-Luce log-weights, from which the decision order sigma is drawn (eq. 8, 11); the decoder
+    then acts agent by agent in that order (eq. 6). act() is the rollout, evaluate_actions() the training pass."""
+
     def __init__(self, obs_dim, act_dim, order="pmat", n_embd=64, n_head=1, n_block=1):
         super().__init__()
         self.order_mode, self.act_dim = order, act_dim
@@ -496,7 +510,6 @@ class PMAT(nn.Module):
         """nn.Module.load_state_dict, also for checkpoints from before Decoder.log_std was renamed std_logit."""
         state_dict = {("decoder.std_logit" if k == "decoder.log_std" else k): v for k, v in state_dict.items()}
         return super().load_state_dict(state_dict, *args, **kwargs)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -644,7 +657,8 @@ def ppo_loss(agent, args, mb):
     entropy, approx_kl and clipfrac.
     """
     new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate_actions(
-        mb["obs"], mb["actions"], mb["sigma"], mb.get("avail"))
+        mb["obs"], mb["actions"], mb["sigma"], mb.get("avail")
+    )
     advantages, active = mb["advantages"], mb.get("active")
 
     # Policy loss, eq. 5-6: per-agent clipped ratio with the agent's advantage
@@ -657,7 +671,9 @@ def ppo_loss(agent, args, mb):
     if args.order == "pmat":
         rank_ratio = (new_sigma_log_prob - mb["sigma_log_probs"]).exp()  # (M,)
         rank_adv = advantages.mean(1) if active is None else (advantages * active).sum(1) / active.sum(1).clamp(min=1)
-        rank_loss = -torch.min(rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv).mean()
+        rank_loss = -torch.min(
+            rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv
+        ).mean()
     else:
         rank_loss = torch.zeros((), device=advantages.device)
 
@@ -673,7 +689,10 @@ def ppo_loss(agent, args, mb):
     loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.rank_coef * rank_loss
     with torch.no_grad():
         logged = {
-            "policy_loss": pg_loss, "value_loss": v_loss, "ranking_loss": rank_loss, "entropy": entropy_loss,
+            "policy_loss": pg_loss,
+            "value_loss": v_loss,
+            "ranking_loss": rank_loss,
+            "entropy": entropy_loss,
             "approx_kl": masked_mean((ratio - 1) - log_ratio, active),
             "clipfrac": masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), active),
         }
@@ -722,8 +741,10 @@ def check_compiler(device):
         need, variable, package = "on the GPU needs a C compiler (for Triton)", "CC", "gcc"
         compilers = [os.environ["CC"]] if "CC" in os.environ else ["gcc", "clang"]
     if not any(shutil.which(compiler) for compiler in compilers):
-        sys.exit(f"error: --compile {need}: {' or '.join(map(repr, compilers))} not found (e.g. apt install "
-                 f"{package}, or set ${variable}); or run without --compile")
+        sys.exit(
+            f"error: --compile {need}: {' or '.join(map(repr, compilers))} not found (e.g. apt install "
+            f"{package}, or set ${variable}); or run without --compile"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -734,11 +755,22 @@ CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint_prev.pt"  # in th
 
 def check_args(args):
     """Exit with one `error:` line naming the flag, its value and what it accepts, before anything is built."""
+
     def bad(name, accepted):
         sys.exit(f"error: --{name.replace('_', '-')} must be {accepted}, got {getattr(args, name)}")
 
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "n_block", "n_embd",
-                 "n_head", "eval_episodes", "torch_threads"):
+    for name in (
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "n_block",
+        "n_embd",
+        "n_head",
+        "eval_episodes",
+        "torch_threads",
+    ):
         if getattr(args, name) < 1:
             bad(name, "at least 1")
     for name in ("eval_interval", "checkpoint_interval"):
@@ -761,10 +793,22 @@ def checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args,
     """All a resumed run needs: weights, Adam's state, ValueNorm, the progress, every RNG state and the flags; extra
     (the network's input and output sizes) lets load_agent rebuild the agent from a checkpoint as well."""
     numpy_state = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
-           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
-    return {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "value_norm": value_norm.state_dict(),
-            "iteration": iteration, "global_step": global_step, "rng": rng, "args": dict(vars(args)), **extra}
+    rng = {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    return {
+        "model": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "value_norm": value_norm.state_dict(),
+        "iteration": iteration,
+        "global_step": global_step,
+        "rng": rng,
+        "args": dict(vars(args)),
+        **extra,
+    }
 
 
 def save_checkpoint(run_dir, state):
@@ -833,12 +877,17 @@ def resume_args(args, fixed):
         differ.append("run_dir")
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if differ:
-        sys.exit(f"error: --resume {path} was trained with {', '.join(f'{flag(n)} {getattr(saved, n)}' for n in differ)}, "
-                 f"but this call gives {', '.join(f'{flag(n)} {getattr(given, n)}' for n in differ)}: these must stay as "
-                 f"they were to continue the run (leave them out; a different set-up is a new run)")
+        sys.exit(
+            f"error: --resume {path} was trained with {', '.join(f'{flag(n)} {getattr(saved, n)}' for n in differ)}, "
+            f"but this call gives {', '.join(f'{flag(n)} {getattr(given, n)}' for n in differ)}: these must stay as "
+            f"they were to continue the run (leave them out; a different set-up is a new run)"
+        )
     changed = [name for name in names if name not in fixed and getattr(given, name) != getattr(saved, name)]
     if changed:
-        print("resuming with changed flags: " + ", ".join(f"{flag(n)} {getattr(saved, n)} -> {getattr(given, n)}" for n in changed))
+        print(
+            "resuming with changed flags: "
+            + ", ".join(f"{flag(n)} {getattr(saved, n)} -> {getattr(given, n)}" for n in changed)
+        )
     return given, checkpoint, path
 
 
@@ -863,9 +912,11 @@ def guarded_step(optimizer, flat_params, loss, max_grad_norm):
     loss.backward()
     first = flat_params.first_view  # zero_grad() / module.zero_grad() would cut the gradients off: fail loudly
     if flat_params.grad is None or first.grad is None or first.grad.data_ptr() != flat_params.grad.data_ptr():
-        raise RuntimeError("the gradients no longer reach the flat parameter, so Adam would not see them and the weights "
-                           "would stop changing: zero them with optimizer.zero_grad(set_to_none=False), not "
-                           "optimizer.zero_grad() or module.zero_grad() (flatten_parameters keeps all of them in one tensor)")
+        raise RuntimeError(
+            "the gradients no longer reach the flat parameter, so Adam would not see them and the weights "
+            "would stop changing: zero them with optimizer.zero_grad(set_to_none=False), not "
+            "optimizer.zero_grad() or module.zero_grad() (flatten_parameters keeps all of them in one tensor)"
+        )
     if dist.is_initialized():  # torchrun: every rank steps with the mean of the ranks' gradients
         flat_params.grad.add_(loss.detach() * 0)  # a non-finite loss on one rank turns every rank's gradient into nan
         all_reduce_mean(flat_params.grad)  # one call for all weights (they are one flat tensor)
@@ -878,17 +929,25 @@ def guarded_step(optimizer, flat_params, loss, max_grad_norm):
 
 def nonfinite_error(skipped, checkpoint_path):
     """The message that stops a run whose mini-batch updates have been skipped `skipped` times in a row."""
-    where = (f"the last good checkpoint is {checkpoint_path}: continue from it with --resume {checkpoint_path} "
-             f"(perhaps with a lower --learning-rate)" if checkpoint_path else "no checkpoint was written")
-    return (f"error: stopped: {skipped} mini-batch updates in a row had a non-finite loss or gradient norm and were "
-            f"skipped (the weights stayed finite); {where}")
+    where = (
+        f"the last good checkpoint is {checkpoint_path}: continue from it with --resume {checkpoint_path} "
+        f"(perhaps with a lower --learning-rate)"
+        if checkpoint_path
+        else "no checkpoint was written"
+    )
+    return (
+        f"error: stopped: {skipped} mini-batch updates in a row had a non-finite loss or gradient norm and were "
+        f"skipped (the weights stayed finite); {where}"
+    )
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
     if args.resume:  # the flags that define the run must stay as the checkpoint has them
-        args, checkpoint, checkpoint_path = resume_args(args, ("scenario", "agent_conf", "agent_obsk", "order", "n_block", "n_embd", "n_head", "seed"))
+        args, checkpoint, checkpoint_path = resume_args(
+            args, ("scenario", "agent_conf", "agent_obsk", "order", "n_block", "n_embd", "n_head", "seed")
+        )
     check_args(args)
     if args.agent_obsk < 0:
         sys.exit(f"error: --agent-obsk must be at least 0, got {args.agent_obsk}")
@@ -896,35 +955,56 @@ if __name__ == "__main__":
     # torchrun: --num-envs is the total; each of the W ranks runs num_envs / W envs and updates on its own share
     rank, world_size, device = setup_distributed(args.cuda)
     if args.num_envs % world_size != 0:
-        sys.exit(f"error: --num-envs {args.num_envs} does not split over the {world_size} ranks of this torchrun; choose a "
-                 f"multiple of {world_size}" if rank == 0 else 1)
+        sys.exit(
+            f"error: --num-envs {args.num_envs} does not split over the {world_size} ranks of this torchrun; choose a "
+            f"multiple of {world_size}"
+            if rank == 0
+            else 1
+        )
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % (world_size * args.num_minibatches) != 0:
         sys.exit(
             f"error: num_envs * num_steps = {args.batch_size} does not split into --num-minibatches "
             f"{args.num_minibatches}{f' on each of {world_size} ranks' if world_size > 1 else ''}; choose values where "
-            f"it divides evenly" if rank == 0 else 1
+            f"it divides evenly"
+            if rank == 0
+            else 1
         )
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.num_iterations < 1:
-        sys.exit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout (num_envs * num_steps = {args.batch_size})")
+        sys.exit(
+            f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
+            f"(num_envs * num_steps = {args.batch_size})"
+        )
     run_name = f"{args.scenario}-{args.agent_conf}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
     run_dir = args.run_dir or f"runs/{run_name}"
     if checkpoint is None and any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
-        sys.exit(f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
-                 f"or choose another --run-dir")
+        sys.exit(
+            f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
+            f"or choose another --run-dir"
+        )
     writer = None  # rank 0 alone logs, evaluates, prints and saves
     if rank == 0 and args.track:
         try:
             import wandb
         except ImportError:
             sys.exit("error: --track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
     if rank == 0:  # a resumed run purges the events its first life logged after the checkpoint: each step is logged once
         writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
-                        0 if checkpoint is None else checkpoint["global_step"] + 1)
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
+            0 if checkpoint is None else checkpoint["global_step"] + 1,
+        )
 
     # Seeding: each rank has its own random streams (orders, actions, envs); rank 0's are those of a plain run
     random.seed(args.seed + rank)
@@ -944,9 +1024,11 @@ if __name__ == "__main__":
         eval_envs = make_envs(args, min(args.num_envs, args.eval_episodes), async_envs)
         eval_envs.reset(seed=args.seed + 10_000)  # builds and seeds the evaluation envs once
     if rank == 0:
-        print(f"{args.scenario} {args.agent_conf}: {n_agents} agents, obs {obs_dim}, actions {act_dim}; order={args.order}; "
-              f"{args.num_envs} {'async' if async_envs else 'sync'} envs"
-              f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}")
+        print(
+            f"{args.scenario} {args.agent_conf}: {n_agents} agents, obs {obs_dim}, actions {act_dim}; order={args.order}; "
+            f"{args.num_envs} {'async' if async_envs else 'sync'} envs"
+            f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}"
+        )
 
     agent = PMAT(obs_dim, act_dim, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     value_norm = ValueNorm().to(device)
@@ -987,8 +1069,11 @@ if __name__ == "__main__":
             np.random.seed(args.seed + rank + global_step)
             torch.manual_seed(args.seed + rank + global_step)
         if rank == 0:
-            print(f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
-                  f"{global_step}; the envs start fresh episodes (an env's state is not in the checkpoint)", flush=True)
+            print(
+                f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
+                f"{global_step}; the envs start fresh episodes (an env's state is not in the checkpoint)",
+                flush=True,
+            )
     start_time, start_step = time.time(), global_step
     next_obs, _ = envs.reset(seed=args.seed + global_step + rank * E)  # env e of rank r: seed + r * E + e
     next_obs = torch.as_tensor(next_obs, device=device)
@@ -1018,7 +1103,9 @@ if __name__ == "__main__":
             if cut.any():  # the time limit ended these episodes: bootstrap from the value of their last obs
                 final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
                 with torch.no_grad():
-                    bootstrap_buf[step, torch.as_tensor(cut, device=device)] = value_norm.denormalize(agent.get_value(final_obs))
+                    bootstrap_buf[step, torch.as_tensor(cut, device=device)] = value_norm.denormalize(
+                        agent.get_value(final_obs)
+                    )
 
             episode_return += reward
             episode_length += 1
@@ -1032,7 +1119,9 @@ if __name__ == "__main__":
         with torch.no_grad():
             next_value = value_norm.denormalize(agent.get_value(next_obs))
             values = value_norm.denormalize(value_buf)
-            advantages, returns = compute_gae(reward_buf, values, done_buf, bootstrap_buf, next_value, args.gamma, args.gae_lambda)
+            advantages, returns = compute_gae(
+                reward_buf, values, done_buf, bootstrap_buf, next_value, args.gamma, args.gae_lambda
+            )
             value_norm.update(returns)
 
         # Flatten the batch: one sample = one time step of one env, all agents together
@@ -1090,8 +1179,11 @@ if __name__ == "__main__":
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/skipped_updates", skipped, global_step)
         if skipped:
-            print(f"warning: iteration {iteration}: {skipped} of {args.update_epochs * args.num_minibatches} mini-batch "
-                  f"updates skipped (non-finite loss or gradient norm); the weights did not take them", flush=True)
+            print(
+                f"warning: iteration {iteration}: {skipped} of {args.update_epochs * args.num_minibatches} mini-batch "
+                f"updates skipped (non-finite loss or gradient norm); the weights did not take them",
+                flush=True,
+            )
         writer.add_scalar("order/neg_log_prob", -sigma_log_prob_buf.mean().item(), global_step)
         for i, frac in enumerate((first_counts / (T * E)).tolist()):
             writer.add_scalar(f"order/agent{i}_first", frac, global_step)
@@ -1101,24 +1193,41 @@ if __name__ == "__main__":
         if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
             eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
             writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
-            print(f"  eval: return {np.mean(eval_returns):.1f} +- {np.std(eval_returns):.1f} over {len(eval_returns)} episodes")
+            print(
+                f"  eval: return {np.mean(eval_returns):.1f} +- {np.std(eval_returns):.1f} over {len(eval_returns)} episodes"
+            )
         mean_return = f"{np.mean(finished_returns):9.1f}" if finished_returns else "        -"
         eta = (args.num_iterations - iteration) * (time.time() - start_time) / (iteration - start_iteration + 1)
-        print(f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | return {mean_return} | "
-              f"left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
+        print(
+            f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | return {mean_return} | "
+            f"left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}",
+            flush=True,
+        )
         last = iteration == args.num_iterations
         if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
             writer.flush()  # the events up to this step are on disk before a checkpoint says the run got here
-            state = checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args, obs_dim=obs_dim, act_dim=act_dim)
+            state = checkpoint_state(
+                agent, optimizer, value_norm, iteration, global_step, args, obs_dim=obs_dim, act_dim=act_dim
+            )
             checkpoint_path = save_checkpoint(run_dir, state) or checkpoint_path
     if rank == 0 and start_iteration > args.num_iterations:
-        print(f"the checkpoint is at iteration {start_iteration - 1} of {args.num_iterations}: nothing left to train "
-              f"(a larger --total-timesteps extends the run)")
+        print(
+            f"the checkpoint is at iteration {start_iteration - 1} of {args.num_iterations}: nothing left to train "
+            f"(a larger --total-timesteps extends the run)"
+        )
 
     if rank == 0 and args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        torch.save({"model": agent.state_dict(), "value_norm": value_norm.state_dict(), "args": vars(args),
-                    "obs_dim": obs_dim, "act_dim": act_dim}, model_path)
+        torch.save(
+            {
+                "model": agent.state_dict(),
+                "value_norm": value_norm.state_dict(),
+                "args": vars(args),
+                "obs_dim": obs_dim,
+                "act_dim": act_dim,
+            },
+            model_path,
+        )
         print(f"model saved to {model_path}")
     envs.close()
     if eval_envs is not None:

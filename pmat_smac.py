@@ -20,6 +20,7 @@ Two backends run the battles (their numbers are NOT comparable, the run's logged
 Run:  python pmat_smac.py --map MMM2 --cuda          (real game)
       python pmat_smac.py --map 10m_vs_11m --backend smax          (see --help for every flag)
 """
+
 import atexit
 import contextlib
 import io
@@ -78,7 +79,8 @@ class Args:
     map: str = "MMM2"
     """the SMAC map (sc2: the SMAC v1 maps; smax: the maps SMAX knows; a bad --map lists both)"""
     backend: Literal["auto", "sc2", "smax"] = "auto"
-    """who plays the battles: sc2 = the real StarCraft II via SMAC v1, smax = JaxMARL's SMAX on the CPU, auto = sc2 if it can run"""
+    """who plays the battles: sc2 = the real StarCraft II via SMAC v1, smax = JaxMARL's SMAX on the CPU, auto = sc2 if
+    it can run"""
     obs_last_action: bool = True
     """observations carry the previous actions (SMAC's obs_last_action, on in the reference runs)"""
     obs_agent_id: bool = True
@@ -155,12 +157,36 @@ class Args:
 # keeps these maps too, but its reset waits for the map to be empty while the v1 maps respawn both teams as soon as
 # it is (smacv2 issues #2 and #55): its second battle never starts. SMAC v1's reset kills the survivors and waits
 # for the respawn instead. The maps SMAC v1 knows, so that a bad --map is named before anything starts:
-SMAC_MAPS = ("3m", "8m", "25m", "5m_vs_6m", "8m_vs_9m", "10m_vs_11m", "27m_vs_30m", "MMM", "MMM2", "2s3z", "3s5z",
-             "3s5z_vs_3s6z", "3s_vs_3z", "3s_vs_4z", "3s_vs_5z", "1c3s5z", "2m_vs_1z", "corridor", "6h_vs_8z",
-             "2s_vs_1sc", "so_many_baneling", "bane_vs_bane", "2c_vs_64zg")
+SMAC_MAPS = (
+    "3m",
+    "8m",
+    "25m",
+    "5m_vs_6m",
+    "8m_vs_9m",
+    "10m_vs_11m",
+    "27m_vs_30m",
+    "MMM",
+    "MMM2",
+    "2s3z",
+    "3s5z",
+    "3s5z_vs_3s6z",
+    "3s_vs_3z",
+    "3s_vs_4z",
+    "3s_vs_5z",
+    "1c3s5z",
+    "2m_vs_1z",
+    "corridor",
+    "6h_vs_8z",
+    "2s_vs_1sc",
+    "so_many_baneling",
+    "bane_vs_bane",
+    "2c_vs_64zg",
+)
 MEDIVAC_MAPS = ("MMM", "MMM2")  # SMACv1 maps with Medivacs, a unit SMAX does not have
-SC2_INSTALL = "to play the real game, install StarCraft II, the SMAC maps and SMAC v1 as the README's section " \
-              "'Installing StarCraft II and SMAC' says (pip install -r requirements-sc2.txt, then SMAC from git)"
+SC2_INSTALL = (
+    "to play the real game, install StarCraft II, the SMAC maps and SMAC v1 as the README's section "
+    "'Installing StarCraft II and SMAC' says (pip install -r requirements-sc2.txt, then SMAC from git)"
+)
 
 
 def sc2_path():
@@ -176,8 +202,10 @@ def sc2_problem():
     except TypeError as error:  # protobuf >= 4 refuses the messages generated for pysc2: "Descriptors cannot be ..."
         import google.protobuf
 
-        return (f"SMAC's pysc2 cannot load its messages with protobuf {google.protobuf.__version__} ({str(error)[:60]}...); "
-                f"it needs protobuf<3.21: pip install -r requirements-sc2.txt")
+        return (
+            f"SMAC's pysc2 cannot load its messages with protobuf {google.protobuf.__version__} ({str(error)[:60]}...); "
+            f"it needs protobuf<3.21: pip install -r requirements-sc2.txt"
+        )
     if not os.path.isdir(os.path.join(sc2_path(), "Versions")):
         where = "SC2PATH" if "SC2PATH" in os.environ else "the default path (SC2PATH is not set)"
         return f"StarCraft II was not found at {sc2_path()}, {where}"
@@ -215,19 +243,25 @@ def smax_map_error(map_name):
     """The message for a map SMAX cannot play (MMM2: no medivac) with the maps it has."""
     known = ", ".join(smax_maps())
     if map_name in MEDIVAC_MAPS:
-        return (f"map {map_name!r} is not in SMAX: it has Medivacs (healers) and SMAX has no medivac unit "
-                f"(SMAX units: marine, marauder, stalker, zealot, zergling, hydralisk). SMAX maps: {known}")
+        return (
+            f"map {map_name!r} is not in SMAX: it has Medivacs (healers) and SMAX has no medivac unit "
+            f"(SMAX units: marine, marauder, stalker, zealot, zergling, hydralisk). SMAX maps: {known}"
+        )
     return f"unknown SMAX map {map_name!r}. SMAX maps: {known}"
 
 
 def choose_backend(backend, map_name):
     """Resolve --backend for --map -> ("sc2" or "smax", why); exits with one clear line when neither can run."""
     if map_name.startswith("10gen_"):
-        sys.exit(f"error: --map {map_name} is one of smacv2's procedurally generated maps, which this script does not "
-                 f"play (they need smacv2's capability configs). SMAC maps: {', '.join(SMAC_MAPS)}")
+        sys.exit(
+            f"error: --map {map_name} is one of smacv2's procedurally generated maps, which this script does not "
+            f"play (they need smacv2's capability configs). SMAC maps: {', '.join(SMAC_MAPS)}"
+        )
     if map_name not in SMAC_MAPS and map_name not in smax_maps():
-        sys.exit(f"error: unknown map {map_name!r}. SMAC maps (real game): {', '.join(SMAC_MAPS)}; "
-                 f"SMAX maps: {', '.join(smax_maps())}")
+        sys.exit(
+            f"error: unknown map {map_name!r}. SMAC maps (real game): {', '.join(SMAC_MAPS)}; "
+            f"SMAX maps: {', '.join(smax_maps())}"
+        )
     if backend == "smax":
         if map_name not in smax_maps():
             sys.exit(f"error: {smax_map_error(map_name)}")
@@ -237,16 +271,26 @@ def choose_backend(backend, map_name):
         if problem:
             sys.exit(f"error: --backend sc2 cannot run: {problem}; {SC2_INSTALL}")
         if map_name not in SMAC_MAPS:
-            sys.exit(f"error: {map_name!r} is a SMAX map, not a SMAC map: use --backend smax. SMAC maps: {', '.join(SMAC_MAPS)}")
+            sys.exit(
+                f"error: {map_name!r} is a SMAX map, not a SMAC map: use --backend smax. SMAC maps: {', '.join(SMAC_MAPS)}"
+            )
         map_file = os.path.join(sc2_path(), "Maps", "SMAC_Maps", f"{map_name}.SC2Map")
         if not os.path.isfile(map_file):
-            sys.exit(f"error: the map file {map_file} is missing: unzip SMAC_Maps.zip "
-                     f"(https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip) into {os.path.dirname(os.path.dirname(map_file))}")
+            sys.exit(
+                f"error: the map file {map_file} is missing: unzip SMAC_Maps.zip "
+                f"(https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip) "
+                f"into {os.path.dirname(os.path.dirname(map_file))}"
+            )
         return "sc2", "asked for with --backend sc2" if backend == "sc2" else "SMAC v1 and StarCraft II are installed"
     if map_name in smax_maps():
-        return "smax", f"the real game cannot run: {problem}" if problem else f"{map_name} is a SMAX map that SMAC does not have"
-    sys.exit(f"error: --map {map_name} needs the real game, which cannot run: {problem}; {SC2_INSTALL}. "
-             f"Without the game only SMAX maps run; {smax_map_error(map_name)}")
+        return (
+            "smax",
+            f"the real game cannot run: {problem}" if problem else f"{map_name} is a SMAX map that SMAC does not have",
+        )
+    sys.exit(
+        f"error: --map {map_name} needs the real game, which cannot run: {problem}; {SC2_INSTALL}. "
+        f"Without the game only SMAX maps run; {smax_map_error(map_name)}"
+    )
 
 
 def setup_jax(cache_dir):
@@ -269,6 +313,7 @@ def smax_functions(map_name, max_steps):
         return SMAX_FUNCTIONS[map_name, max_steps]
     import jax
     import jax.numpy as jnp
+
     with without_jaxmarl_notice():
         from jaxmarl import make
         from jaxmarl.environments.smax import map_name_to_scenario
@@ -322,8 +367,11 @@ class SmaxVecEnv:
         self.num_envs, self.n_agents = num_envs, env.num_agents
         self.n_actions = env.action_spaces[env.agents[0]].n
         self.obs_last_action, self.obs_agent_id = obs_last_action, obs_agent_id
-        self.obs_dim = (env.observation_spaces[env.agents[0]].shape[0] + (self.n_actions if obs_last_action else 0)
-                        + (self.n_agents if obs_agent_id else 0))
+        self.obs_dim = (
+            env.observation_spaces[env.agents[0]].shape[0]
+            + (self.n_actions if obs_last_action else 0)
+            + (self.n_agents if obs_agent_id else 0)
+        )
         self.agent_id = np.broadcast_to(np.eye(self.n_agents, dtype=np.float32), (num_envs, self.n_agents, self.n_agents))
         self.last_action = np.zeros((num_envs, self.n_agents, self.n_actions), np.float32)  # (E, N, A) one-hot
         self.keys = jax.random.split(jax.random.PRNGKey(seed), num_envs)  # one random stream per env
@@ -366,8 +414,15 @@ def sc2_worker(conn, map_name, seed, obs_last_action, obs_agent_id):
     from smac.env import StarCraft2Env
     from websocket import WebSocketException
 
-    game_errors = (protocol.ConnectionError, protocol.ProtocolError, remote_controller.ConnectError,
-                   remote_controller.RequestError, sc_process.SC2LaunchError, WebSocketException, OSError)
+    game_errors = (
+        protocol.ConnectionError,
+        protocol.ProtocolError,
+        remote_controller.ConnectError,
+        remote_controller.RequestError,
+        sc_process.SC2LaunchError,
+        WebSocketException,
+        OSError,
+    )
     env = StarCraft2Env(map_name=map_name, seed=seed, obs_last_action=obs_last_action)
     info = env.get_env_info()
     agent_id = np.eye(info["n_agents"], dtype=np.float32)  # (N, N): appended to the observations with obs_agent_id
@@ -422,8 +477,9 @@ class Sc2VecEnv:
     max_failures = 3
     dead_action = 0  # SMAC: the no-op is available to dead units only, and is then their only action
 
-    def __init__(self, map_name, num_envs, seed, obs_last_action=True, obs_agent_id=True, step_timeout=120.0,
-                 launch_timeout=300.0):
+    def __init__(
+        self, map_name, num_envs, seed, obs_last_action=True, obs_agent_id=True, step_timeout=120.0, launch_timeout=300.0
+    ):
         self.map_name, self.num_envs, self.seed = map_name, num_envs, seed
         self.options = (obs_last_action, obs_agent_id)
         self.step_timeout, self.launch_timeout = step_timeout, launch_timeout
@@ -441,8 +497,9 @@ class Sc2VecEnv:
 
     def _start(self, e, seed):
         self.conns[e], child_conn = multiprocessing.Pipe()
-        self.workers[e] = multiprocessing.Process(target=sc2_worker, args=(child_conn, self.map_name, seed, *self.options),
-                                                  daemon=True)
+        self.workers[e] = multiprocessing.Process(
+            target=sc2_worker, args=(child_conn, self.map_name, seed, *self.options), daemon=True
+        )
         self.workers[e].start()
         child_conn.close()
 
@@ -473,8 +530,11 @@ class Sc2VecEnv:
         """Replace game e (crashed or hung) by a new game and start a battle in it -> its (obs, avail)."""
         for attempt in range(1, self.max_failures + 1):
             self.restarts += 1
-            print(f"warning: StarCraft II game {e}: {why}; restart {self.restarts} (attempt {attempt} of "
-                  f"{self.max_failures}); its battle counts as lost", flush=True)
+            print(
+                f"warning: StarCraft II game {e}: {why}; restart {self.restarts} (attempt {attempt} of "
+                f"{self.max_failures}); its battle counts as lost",
+                flush=True,
+            )
             self._kill(e)
             self._start(e, self.seed + 1000 * e + 1_000_000 * self.restarts)
             status, why = self._receive(e, self.launch_timeout)
@@ -490,8 +550,10 @@ class Sc2VecEnv:
         """Every worker's answer, waiting at most `timeout` seconds in all; crashed games are replaced afterwards."""
         deadline = time.monotonic() + timeout
         answers = [self._receive(e, max(0.0, deadline - time.monotonic())) for e in range(self.num_envs)]
-        results = [result if status == "ok" else (*self._replace(e, result), *crashed_result)
-                   for e, (status, result) in enumerate(answers)]
+        results = [
+            result if status == "ok" else (*self._replace(e, result), *crashed_result)
+            for e, (status, result) in enumerate(answers)
+        ]
         return [np.stack(x) for x in zip(*results)]
 
     def reset(self):
@@ -522,8 +584,9 @@ class Sc2VecEnv:
 def make_envs(args, backend, num_envs, seed):
     """The vector of num_envs battles of --map on the chosen backend."""
     if backend == "sc2":
-        return Sc2VecEnv(args.map, num_envs, seed, args.obs_last_action, args.obs_agent_id, args.sc2_step_timeout,
-                         args.sc2_launch_timeout)
+        return Sc2VecEnv(
+            args.map, num_envs, seed, args.obs_last_action, args.obs_agent_id, args.sc2_step_timeout, args.sc2_launch_timeout
+        )
     return SmaxVecEnv(args.map, num_envs, seed, args.smax_max_steps, args.obs_last_action, args.obs_agent_id)
 
 
@@ -668,8 +731,12 @@ class ScoringBlock(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.LayerNorm(n_embd),
-            layer_init(nn.Linear(n_embd, hidden), GELU_GAIN), nn.GELU(), nn.LayerNorm(hidden),
-            layer_init(nn.Linear(hidden, hidden), GELU_GAIN), nn.GELU(), nn.LayerNorm(hidden),
+            layer_init(nn.Linear(n_embd, hidden), GELU_GAIN),
+            nn.GELU(),
+            nn.LayerNorm(hidden),
+            layer_init(nn.Linear(hidden, hidden), GELU_GAIN),
+            nn.GELU(),
+            nn.LayerNorm(hidden),
             layer_init(nn.Linear(hidden, 1), 0.01),
         )
 
@@ -688,7 +755,10 @@ class Decoder(nn.Module):
         self.ln = nn.LayerNorm(n_embd)
         self.blocks = nn.ModuleList([DecodeBlock(n_embd, n_head) for _ in range(n_block)])
         self.head = nn.Sequential(
-            layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), nn.LayerNorm(n_embd), layer_init(nn.Linear(n_embd, n_actions))
+            layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN),
+            nn.GELU(),
+            nn.LayerNorm(n_embd),
+            layer_init(nn.Linear(n_embd, n_actions)),
         )
 
     def forward(self, prev_action, rep):  # (B, L, A+1) shifted one-hot actions, (B, L, C) encodings, in decision order
@@ -700,7 +770,9 @@ class Decoder(nn.Module):
     def new_caches(self, batch, n_agents):
         """Speed-up: empty key/value caches for a rollout, two (B, N, 2C) per block, one per attention layer."""
         n_embd = self.ln.normalized_shape[0]
-        return [[torch.zeros(batch, n_agents, 2 * n_embd, device=self.ln.weight.device) for _ in range(2)] for _ in self.blocks]
+        return [
+            [torch.zeros(batch, n_agents, 2 * n_embd, device=self.ln.weight.device) for _ in range(2)] for _ in self.blocks
+        ]
 
     def step(self, prev_action, rep, caches, pos):  # (B, A+1) one-hot action of position pos-1, (B, C) encoding of pos
         """Speed-up: forward() for the one new position pos, reusing the cached keys and values of positions < pos."""
@@ -723,6 +795,10 @@ def masked_logits(logits, avail):
 
 
 class PMAT(nn.Module):
+    """MAT + AGPS. The encoder gives each agent an encoding and a value; the scoring block (PMAT only) turns the
+    encodings into Plackett-Luce log-weights, from which the decision order sigma is drawn (eq. 8, 11); the decoder
+    then acts agent by agent in that order (eq. 6). act() is the rollout, evaluate_actions() the training pass."""
+
     def __init__(self, obs_dim, n_actions, order="pmat", n_embd=64, n_head=1, n_block=1):
         super().__init__()
         self.order_mode, self.n_actions = order, n_actions
@@ -751,8 +827,8 @@ class PMAT(nn.Module):
         return plackett_luce_log_prob(self.order_log_weights(rep), sigma)
 
     def act(self, obs, avail, deterministic=False):
-        """Rollout. obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N) and values (B, N) in agent
-        order, the decision order sigma (B, N) and its log-prob (B,)."""
+        """Rollout. obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N) and values
+        (B, N) in agent order, the decision order sigma (B, N) and its log-prob (B,)."""
         with torch.inference_mode():  # speed: like no_grad, but cheaper per op (the rollout is bound by per-op overhead)
             rep, value = self.encoder(obs)
             sigma, sigma_log_prob = self.decision_order(rep, deterministic)
@@ -798,7 +874,6 @@ class PMAT(nn.Module):
         log_prob = log_p.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, N)
         entropy = -(log_p.exp() * log_p).sum(-1)  # (B, N); a masked action has p = 0 and adds 0
         return log_prob, entropy, value, self.sigma_log_prob(rep, sigma)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -946,7 +1021,8 @@ def ppo_loss(agent, args, mb):
     entropy, approx_kl and clipfrac.
     """
     new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate_actions(
-        mb["obs"], mb["actions"], mb["sigma"], mb.get("avail"))
+        mb["obs"], mb["actions"], mb["sigma"], mb.get("avail")
+    )
     advantages, active = mb["advantages"], mb.get("active")
 
     # Policy loss, eq. 5-6: per-agent clipped ratio with the agent's advantage
@@ -959,7 +1035,9 @@ def ppo_loss(agent, args, mb):
     if args.order == "pmat":
         rank_ratio = (new_sigma_log_prob - mb["sigma_log_probs"]).exp()  # (M,)
         rank_adv = advantages.mean(1) if active is None else (advantages * active).sum(1) / active.sum(1).clamp(min=1)
-        rank_loss = -torch.min(rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv).mean()
+        rank_loss = -torch.min(
+            rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv
+        ).mean()
     else:
         rank_loss = torch.zeros((), device=advantages.device)
 
@@ -975,7 +1053,10 @@ def ppo_loss(agent, args, mb):
     loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.rank_coef * rank_loss
     with torch.no_grad():
         logged = {
-            "policy_loss": pg_loss, "value_loss": v_loss, "ranking_loss": rank_loss, "entropy": entropy_loss,
+            "policy_loss": pg_loss,
+            "value_loss": v_loss,
+            "ranking_loss": rank_loss,
+            "entropy": entropy_loss,
             "approx_kl": masked_mean((ratio - 1) - log_ratio, active),
             "clipfrac": masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), active),
         }
@@ -1025,8 +1106,10 @@ def check_compiler(device):
         need, variable, package = "on the GPU needs a C compiler (for Triton)", "CC", "gcc"
         compilers = [os.environ["CC"]] if "CC" in os.environ else ["gcc", "clang"]
     if not any(shutil.which(compiler) for compiler in compilers):
-        sys.exit(f"error: --compile {need}: {' or '.join(map(repr, compilers))} not found (e.g. apt install "
-                 f"{package}, or set ${variable}); or run without --compile")
+        sys.exit(
+            f"error: --compile {need}: {' or '.join(map(repr, compilers))} not found (e.g. apt install "
+            f"{package}, or set ${variable}); or run without --compile"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1037,11 +1120,22 @@ CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint_prev.pt"  # in th
 
 def check_args(args):
     """Exit with one `error:` line naming the flag, its value and what it accepts, before anything is built."""
+
     def bad(name, accepted):
         sys.exit(f"error: --{name.replace('_', '-')} must be {accepted}, got {getattr(args, name)}")
 
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "n_block", "n_embd",
-                 "n_head", "eval_episodes", "torch_threads"):
+    for name in (
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "n_block",
+        "n_embd",
+        "n_head",
+        "eval_episodes",
+        "torch_threads",
+    ):
         if getattr(args, name) < 1:
             bad(name, "at least 1")
     for name in ("eval_interval", "checkpoint_interval"):
@@ -1064,10 +1158,22 @@ def checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args,
     """All a resumed run needs: weights, Adam's state, ValueNorm, the progress, every RNG state and the flags; extra
     (the network's input and output sizes) lets load_agent rebuild the agent from a checkpoint as well."""
     numpy_state = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
-           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
-    return {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "value_norm": value_norm.state_dict(),
-            "iteration": iteration, "global_step": global_step, "rng": rng, "args": dict(vars(args)), **extra}
+    rng = {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    return {
+        "model": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "value_norm": value_norm.state_dict(),
+        "iteration": iteration,
+        "global_step": global_step,
+        "rng": rng,
+        "args": dict(vars(args)),
+        **extra,
+    }
 
 
 def save_checkpoint(run_dir, state):
@@ -1136,12 +1242,17 @@ def resume_args(args, fixed):
         differ.append("run_dir")
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if differ:
-        sys.exit(f"error: --resume {path} was trained with {', '.join(f'{flag(n)} {getattr(saved, n)}' for n in differ)}, "
-                 f"but this call gives {', '.join(f'{flag(n)} {getattr(given, n)}' for n in differ)}: these must stay as "
-                 f"they were to continue the run (leave them out; a different set-up is a new run)")
+        sys.exit(
+            f"error: --resume {path} was trained with {', '.join(f'{flag(n)} {getattr(saved, n)}' for n in differ)}, "
+            f"but this call gives {', '.join(f'{flag(n)} {getattr(given, n)}' for n in differ)}: these must stay as "
+            f"they were to continue the run (leave them out; a different set-up is a new run)"
+        )
     changed = [name for name in names if name not in fixed and getattr(given, name) != getattr(saved, name)]
     if changed:
-        print("resuming with changed flags: " + ", ".join(f"{flag(n)} {getattr(saved, n)} -> {getattr(given, n)}" for n in changed))
+        print(
+            "resuming with changed flags: "
+            + ", ".join(f"{flag(n)} {getattr(saved, n)} -> {getattr(given, n)}" for n in changed)
+        )
     return given, checkpoint, path
 
 
@@ -1166,9 +1277,11 @@ def guarded_step(optimizer, flat_params, loss, max_grad_norm):
     loss.backward()
     first = flat_params.first_view  # zero_grad() / module.zero_grad() would cut the gradients off: fail loudly
     if flat_params.grad is None or first.grad is None or first.grad.data_ptr() != flat_params.grad.data_ptr():
-        raise RuntimeError("the gradients no longer reach the flat parameter, so Adam would not see them and the weights "
-                           "would stop changing: zero them with optimizer.zero_grad(set_to_none=False), not "
-                           "optimizer.zero_grad() or module.zero_grad() (flatten_parameters keeps all of them in one tensor)")
+        raise RuntimeError(
+            "the gradients no longer reach the flat parameter, so Adam would not see them and the weights "
+            "would stop changing: zero them with optimizer.zero_grad(set_to_none=False), not "
+            "optimizer.zero_grad() or module.zero_grad() (flatten_parameters keeps all of them in one tensor)"
+        )
     if dist.is_initialized():  # torchrun: every rank steps with the mean of the ranks' gradients
         flat_params.grad.add_(loss.detach() * 0)  # a non-finite loss on one rank turns every rank's gradient into nan
         all_reduce_mean(flat_params.grad)  # one call for all weights (they are one flat tensor)
@@ -1181,18 +1294,25 @@ def guarded_step(optimizer, flat_params, loss, max_grad_norm):
 
 def nonfinite_error(skipped, checkpoint_path):
     """The message that stops a run whose mini-batch updates have been skipped `skipped` times in a row."""
-    where = (f"the last good checkpoint is {checkpoint_path}: continue from it with --resume {checkpoint_path} "
-             f"(perhaps with a lower --learning-rate)" if checkpoint_path else "no checkpoint was written")
-    return (f"error: stopped: {skipped} mini-batch updates in a row had a non-finite loss or gradient norm and were "
-            f"skipped (the weights stayed finite); {where}")
+    where = (
+        f"the last good checkpoint is {checkpoint_path}: continue from it with --resume {checkpoint_path} "
+        f"(perhaps with a lower --learning-rate)"
+        if checkpoint_path
+        else "no checkpoint was written"
+    )
+    return (
+        f"error: stopped: {skipped} mini-batch updates in a row had a non-finite loss or gradient norm and were "
+        f"skipped (the weights stayed finite); {where}"
+    )
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
     if args.resume:  # the flags that define the run must stay as the checkpoint has them
-        args, checkpoint, checkpoint_path = resume_args(args, ("map", "obs_last_action", "obs_agent_id", "smax_max_steps",
-                                                               "order", "n_block", "n_embd", "n_head", "seed"))
+        args, checkpoint, checkpoint_path = resume_args(
+            args, ("map", "obs_last_action", "obs_agent_id", "smax_max_steps", "order", "n_block", "n_embd", "n_head", "seed")
+        )
     check_args(args)
     if args.smax_max_steps < 1:
         sys.exit(f"error: --smax-max-steps must be at least 1, got {args.smax_max_steps}")
@@ -1201,41 +1321,66 @@ if __name__ == "__main__":
             sys.exit(f"error: --{name.replace('_', '-')} must be a number of seconds above 0, got {getattr(args, name)}")
     backend, why = choose_backend(args.backend, args.map)
     if checkpoint is not None and backend != checkpoint["backend"]:
-        sys.exit(f"error: --resume {checkpoint_path} was trained on the {checkpoint['backend']} backend, but this call "
-                 f"would run {backend} ({why}): give --backend {checkpoint['backend']}")
+        sys.exit(
+            f"error: --resume {checkpoint_path} was trained on the {checkpoint['backend']} backend, but this call "
+            f"would run {backend} ({why}): give --backend {checkpoint['backend']}"
+        )
     # torchrun: --num-envs is the total; each of the W ranks runs num_envs / W envs and updates on its own share
     rank, world_size, device = setup_distributed(args.cuda)
     if args.num_envs % world_size != 0:
-        sys.exit(f"error: --num-envs {args.num_envs} does not split over the {world_size} ranks of this torchrun; choose a "
-                 f"multiple of {world_size}" if rank == 0 else 1)
+        sys.exit(
+            f"error: --num-envs {args.num_envs} does not split over the {world_size} ranks of this torchrun; choose a "
+            f"multiple of {world_size}"
+            if rank == 0
+            else 1
+        )
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % (world_size * args.num_minibatches) != 0:
         sys.exit(
             f"error: num_envs * num_steps = {args.batch_size} does not split into --num-minibatches "
             f"{args.num_minibatches}{f' on each of {world_size} ranks' if world_size > 1 else ''}; choose values where "
-            f"it divides evenly" if rank == 0 else 1
+            f"it divides evenly"
+            if rank == 0
+            else 1
         )
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.num_iterations < 1:
-        sys.exit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout (num_envs * num_steps = {args.batch_size})")
+        sys.exit(
+            f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
+            f"(num_envs * num_steps = {args.batch_size})"
+        )
     run_name = f"{args.map}-{backend}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
     run_dir = args.run_dir or f"runs/{run_name}"
     if checkpoint is None and any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
-        sys.exit(f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
-                 f"or choose another --run-dir")
+        sys.exit(
+            f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
+            f"or choose another --run-dir"
+        )
     writer = None  # rank 0 alone logs, evaluates, prints and saves
     if rank == 0 and args.track:
         try:
             import wandb
         except ImportError:
             sys.exit("error: --track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
-    backend_text = f"backend: {backend} ({why})" + ("" if backend == "sc2" else "; SMAX numbers are not comparable with SMAC's")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    backend_text = f"backend: {backend} ({why})" + (
+        "" if backend == "sc2" else "; SMAX numbers are not comparable with SMAC's"
+    )
     if rank == 0:  # a resumed run purges the events its first life logged after the checkpoint: each step is logged once
         writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
-                        0 if checkpoint is None else checkpoint["global_step"] + 1)
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
+            0 if checkpoint is None else checkpoint["global_step"] + 1,
+        )
         writer.add_text("backend", backend_text, 0 if checkpoint is None else checkpoint["global_step"] + 1)
 
     # Seeding: each rank has its own random streams (orders, actions, envs); rank 0's are those of a plain run
@@ -1255,8 +1400,11 @@ if __name__ == "__main__":
     envs = make_envs(args, backend, args.num_envs // world_size, env_seed)
     n_agents, obs_dim, n_actions = envs.n_agents, envs.obs_dim, envs.n_actions
     if rank == 0:
-        print(f"{args.map} ({backend}): {n_agents} agents, obs {obs_dim}, actions {n_actions}; order={args.order}; "
-              f"{args.num_envs} envs{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}", flush=True)
+        print(
+            f"{args.map} ({backend}): {n_agents} agents, obs {obs_dim}, actions {n_actions}; order={args.order}; "
+            f"{args.num_envs} envs{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}",
+            flush=True,
+        )
 
     agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     value_norm = ValueNorm().to(device)
@@ -1299,8 +1447,11 @@ if __name__ == "__main__":
             np.random.seed(args.seed + rank + global_step)
             torch.manual_seed(args.seed + rank + global_step)
         if rank == 0:
-            print(f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
-                  f"{global_step}; the envs start fresh episodes (an env's state is not in the checkpoint)", flush=True)
+            print(
+                f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
+                f"{global_step}; the envs start fresh episodes (an env's state is not in the checkpoint)",
+                flush=True,
+            )
     start_time, start_step = time.time(), global_step
     skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
     next_obs, next_avail = envs.reset()
@@ -1342,7 +1493,9 @@ if __name__ == "__main__":
         with torch.no_grad():
             next_value = value_norm.denormalize(agent.get_value(next_obs))
             values = value_norm.denormalize(value_buf)
-            advantages, returns = compute_gae(reward_buf, values, done_buf, no_bootstrap, next_value, args.gamma, args.gae_lambda)
+            advantages, returns = compute_gae(
+                reward_buf, values, done_buf, no_bootstrap, next_value, args.gamma, args.gae_lambda
+            )
             value_norm.update(returns)
 
         # Flatten the batch: one sample = one time step of one env, all agents together
@@ -1401,8 +1554,11 @@ if __name__ == "__main__":
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/skipped_updates", skipped, global_step)
         if skipped:
-            print(f"warning: iteration {iteration}: {skipped} of {args.update_epochs * args.num_minibatches} mini-batch "
-                  f"updates skipped (non-finite loss or gradient norm); the weights did not take them", flush=True)
+            print(
+                f"warning: iteration {iteration}: {skipped} of {args.update_epochs * args.num_minibatches} mini-batch "
+                f"updates skipped (non-finite loss or gradient norm); the weights did not take them",
+                flush=True,
+            )
         writer.add_scalar("order/neg_log_prob", -sigma_log_prob_buf.mean().item(), global_step)
         for i, frac in enumerate((first_counts / (T * E)).tolist()):
             writer.add_scalar(f"order/agent{i}_first", frac, global_step)
@@ -1424,26 +1580,51 @@ if __name__ == "__main__":
             episode_return[:], episode_length[:] = 0.0, 0
             writer.add_scalar("eval/win_rate", np.mean(eval_wins), global_step)
             writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
-            print(f"  eval: win rate {np.mean(eval_wins):.3f}, return {np.mean(eval_returns):.2f} over {len(eval_wins)} battles")
+            print(
+                f"  eval: win rate {np.mean(eval_wins):.3f}, return {np.mean(eval_returns):.2f} over {len(eval_wins)} battles"
+            )
         mean_return = f"{np.mean(finished_returns):7.2f}" if finished_returns else "      -"
         win_text = f"{win_rate:5.3f}" if win_rate is not None else "    -"
         eta = (args.num_iterations - iteration) * (time.time() - start_time) / (iteration - start_iteration + 1)
-        print(f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | return {mean_return} | "
-              f"win rate {win_text} | left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
+        print(
+            f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | return {mean_return} | "
+            f"win rate {win_text} | left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}",
+            flush=True,
+        )
         last = iteration == args.num_iterations
         if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
             writer.flush()  # the events up to this step are on disk before a checkpoint says the run got here
-            state = checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args, obs_dim=obs_dim,
-                                     n_actions=n_actions, backend=backend)
+            state = checkpoint_state(
+                agent,
+                optimizer,
+                value_norm,
+                iteration,
+                global_step,
+                args,
+                obs_dim=obs_dim,
+                n_actions=n_actions,
+                backend=backend,
+            )
             checkpoint_path = save_checkpoint(run_dir, state) or checkpoint_path
     if rank == 0 and start_iteration > args.num_iterations:
-        print(f"the checkpoint is at iteration {start_iteration - 1} of {args.num_iterations}: nothing left to train "
-              f"(a larger --total-timesteps extends the run)")
+        print(
+            f"the checkpoint is at iteration {start_iteration - 1} of {args.num_iterations}: nothing left to train "
+            f"(a larger --total-timesteps extends the run)"
+        )
 
     if rank == 0 and args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        torch.save({"model": agent.state_dict(), "value_norm": value_norm.state_dict(), "args": vars(args),
-                    "obs_dim": obs_dim, "n_actions": n_actions, "backend": backend}, model_path)
+        torch.save(
+            {
+                "model": agent.state_dict(),
+                "value_norm": value_norm.state_dict(),
+                "args": vars(args),
+                "obs_dim": obs_dim,
+                "n_actions": n_actions,
+                "backend": backend,
+            },
+            model_path,
+        )
         print(f"model saved to {model_path}")
     envs.close()
     if writer is not None:

@@ -105,8 +105,10 @@ def check_config(out_dir: Path, script: str, extra: list[str]):
     if path.exists():
         old = json.loads(path.read_text())
         if old != config:
-            fail(f"{out_dir} holds an ablation of {old['script']} with flags {old['extra']}, but this call "
-                 f"asks for {config['script']} with flags {extra}; use another --out-dir to start a new one")
+            fail(
+                f"{out_dir} holds an ablation of {old['script']} with flags {old['extra']}, but this call "
+                f"asks for {config['script']} with flags {extra}; use another --out-dir to start a new one"
+            )
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config, indent=1) + "\n")
@@ -208,17 +210,25 @@ def load_runs(folder: Path, metric: str):
 def summarize(curves: list) -> dict:
     """Final value (last logged point) and area under the curve / step range, each as mean and std over seeds."""
     finals = np.array([values[-1] for _, values in curves])
-    aucs = np.array([np.trapezoid(values, steps) / (steps[-1] - steps[0]) if len(steps) > 1 else values[0]
-                     for steps, values in curves])
-    return {"seeds": len(curves), "final_mean": finals.mean(), "final_std": finals.std(),
-            "auc_mean": aucs.mean(), "auc_std": aucs.std()}
+    aucs = np.array(
+        [np.trapezoid(values, steps) / (steps[-1] - steps[0]) if len(steps) > 1 else values[0] for steps, values in curves]
+    )
+    return {
+        "seeds": len(curves),
+        "final_mean": finals.mean(),
+        "final_std": finals.std(),
+        "auc_mean": aucs.mean(),
+        "auc_std": aucs.std(),
+    }
 
 
 def markdown_table(tag: str, stats: dict) -> str:
     lines = [f"| variant | seeds | final {tag} | AUC / steps |", "|---|---|---|---|"]
     for variant, s in stats.items():
-        lines.append(f"| {variant} | {s['seeds']} | {s['final_mean']:.4g} ± {s['final_std']:.4g} "
-                     f"| {s['auc_mean']:.4g} ± {s['auc_std']:.4g} |")
+        lines.append(
+            f"| {variant} | {s['seeds']} | {s['final_mean']:.4g} ± {s['final_std']:.4g} "
+            f"| {s['auc_mean']:.4g} ± {s['auc_std']:.4g} |"
+        )
     return "\n".join(lines) + "\n\nmean ± std over seeds (numpy std, ddof=0); final = last logged point.\n"
 
 
@@ -233,8 +243,14 @@ def plot(tag: str, runs: dict, title: str, path: Path):
             grid = np.linspace(max(s[0] for s, _ in curves), min(s[-1] for s, _ in curves), 200)
         ys = np.stack([np.interp(grid, s, v) for s, v in curves])
         mean, std = ys.mean(0), ys.std(0)
-        ax.plot(grid, mean, color=COLORS[variant], marker="o" if len(grid) < 30 else None, markersize=3,
-                label=f"{variant} ({len(curves)} seeds)")
+        ax.plot(
+            grid,
+            mean,
+            color=COLORS[variant],
+            marker="o" if len(grid) < 30 else None,
+            markersize=3,
+            label=f"{variant} ({len(curves)} seeds)",
+        )
         ax.fill_between(grid, mean - std, mean + std, color=COLORS[variant], alpha=0.2)
     ax.set(title=title, xlabel="env steps", ylabel=tag)
     ax.grid(alpha=0.3)
@@ -259,7 +275,7 @@ def report(folder: Path, script: str, extra: list[str]):
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = tyro.cli(Args, args=own, description=__doc__)
     if args.plot_only is not None:
         folder = Path(args.plot_only)
@@ -277,15 +293,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         fail(f"--seeds ({args.seeds}) and --jobs ({args.jobs}) must be at least 1")
     for flag in OWNED_FLAGS:
         if flag_value(extra, flag) is not None or flag in extra:
-            fail(f"pass-through flag {flag} is set by the ablation for every run; remove it "
-                 f"(use --variants / --seeds instead)")
+            fail(
+                f"pass-through flag {flag} is set by the ablation for every run; remove it (use --variants / --seeds instead)"
+            )
     check_config(Path(args.out_dir), args.script, extra)
     start = time.time()
     try:
         failed = run_all(args, extra)
     except KeyboardInterrupt:
-        fail(f"interrupted; finished runs and the checkpoints of unfinished ones are kept in {args.out_dir}, "
-             f"re-run the same command to continue")
+        fail(
+            f"interrupted; finished runs and the checkpoints of unfinished ones are kept in {args.out_dir}, "
+            f"re-run the same command to continue"
+        )
     print(f"ablation took {time.time() - start:.1f} s")
     if failed:
         print(f"{len(failed)} run(s) failed, see: " + ", ".join(failed) + " (re-run the same command to retry them)")

@@ -41,8 +41,8 @@ learning.
 Writes OUT_DIR/order_game.md (tables), OUT_DIR/order_game.png (return vs training samples, and how often the key
 holder decides first), OUT_DIR/order_game.json (every curve).
 """
+
 import json
-import math
 import os
 import sys
 import time
@@ -182,9 +182,17 @@ def train(args, order, rank_coef, seed):
             perm = torch.randperm(B)
             for start in range(0, B, minibatch):
                 mb = perm[start : start + minibatch]
-                mb_data = {"obs": obs[mb], "actions": action[mb], "sigma": sigma[mb], "avail": avail[mb],
-                           "log_probs": log_prob[mb], "sigma_log_probs": sigma_log_prob[mb],
-                           "advantages": advantages[mb], "targets": targets[mb], "values": value[mb]}
+                mb_data = {
+                    "obs": obs[mb],
+                    "actions": action[mb],
+                    "sigma": sigma[mb],
+                    "avail": avail[mb],
+                    "log_probs": log_prob[mb],
+                    "sigma_log_probs": sigma_log_prob[mb],
+                    "advantages": advantages[mb],
+                    "targets": targets[mb],
+                    "values": value[mb],
+                }
                 loss, _ = ppo_loss(agent, run_args, mb_data)
                 guarded_step(optimizer, flat_params, loss, args.max_grad_norm)  # backward, clip, Adam step
 
@@ -200,7 +208,10 @@ def train(args, order, rank_coef, seed):
     action, _, _, sigma, _ = agent.act(obs, avail, deterministic=True)
     last = max(1, len(curves["return"]) // 10)  # the final numbers: the last tenth of the curve
     return {
-        "order": order, "rank_coef": rank_coef, "seed": seed, **curves,
+        "order": order,
+        "rank_coef": rank_coef,
+        "seed": seed,
+        **curves,
         "final_return": float(np.mean(curves["return"][-last:])),
         "final_key_first": float(np.mean(curves["key_first"][-last:])),
         "eval_return": team_reward(action, key).mean().item(),
@@ -238,15 +249,21 @@ def summarize(args, results):
     for name, order, coef in (("pmat", "pmat", args.rank_coef), ("mat", "mat", 0.0), ("rmat", "rmat", 0.0)):
         runs = [r for r in results if r["order"] == order and r["rank_coef"] == coef]
         label = f"pmat (rank coef {coef:g})" if name == "pmat" else name
-        lines.append(f"| {label} | {mean_std([r['final_return'] for r in runs])} | "
-                     f"{mean_std([r['eval_return'] for r in runs])} | {mean_std([r['final_key_first'] for r in runs])} | "
-                     f"{mean_std([r['eval_key_first'] for r in runs])} |")
+        lines.append(
+            f"| {label} | {mean_std([r['final_return'] for r in runs])} | "
+            f"{mean_std([r['eval_return'] for r in runs])} | {mean_std([r['final_key_first'] for r in runs])} | "
+            f"{mean_std([r['eval_key_first'] for r in runs])} |"
+        )
     if args.rank_coefs:
         samples = results[0]["samples"]
         marks = [samples[len(samples) // 4 - 1], samples[len(samples) // 2 - 1], samples[-1]]
-        lines += ["", "PMAT's order learning vs the ranking-loss coefficient (right agent first, sampled order):", "",
-                  "| rank coef | " + " | ".join(f"at {m:,} samples" for m in marks) + " | greedy return |",
-                  "|---" * (len(marks) + 2) + "|"]
+        lines += [
+            "",
+            "PMAT's order learning vs the ranking-loss coefficient (right agent first, sampled order):",
+            "",
+            "| rank coef | " + " | ".join(f"at {m:,} samples" for m in marks) + " | greedy return |",
+            "|---" * (len(marks) + 2) + "|",
+        ]
         for coef in sorted(set(args.rank_coefs)):
             runs = [r for r in results if r["order"] == "pmat" and r["rank_coef"] == coef]
             cells = [mean_std([r["key_first"][samples.index(m)] for r in runs]) for m in marks]
@@ -284,8 +301,7 @@ def plot(args, results, path):
     ax2.axhline(1 / args.n_agents, color="gray", ls="--", lw=1, label="chance (1/N)")
     cap = 10 / (10 + args.n_agents - 1)  # the scores are bounded to [1, 10]: the key holder is first at most this often
     ax2.axhline(cap, color="C0", ls=":", lw=1, label=f"most a sampled order can ({cap:.3f})")
-    ax2.set(xlabel="training samples (episodes)", ylabel="fraction", ylim=(0, 1),
-            title="PMAT: the key holder decides first")
+    ax2.set(xlabel="training samples (episodes)", ylabel="fraction", ylim=(0, 1), title="PMAT: the key holder decides first")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -293,8 +309,11 @@ def plot(args, results, path):
 
 def main(args):
     jobs = [(args, order, 0.0, seed) for order in ("mat", "rmat") for seed in range(1, args.seeds + 1)]
-    jobs += [(args, "pmat", coef, seed) for coef in sorted(set(args.rank_coefs) | {args.rank_coef})
-             for seed in range(1, args.seeds + 1)]
+    jobs += [
+        (args, "pmat", coef, seed)
+        for coef in sorted(set(args.rank_coefs) | {args.rank_coef})
+        for seed in range(1, args.seeds + 1)
+    ]
     start = time.time()
     print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)
     if args.jobs > 1:
@@ -316,13 +335,25 @@ def main(args):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    for name in ("n_agents", "n_actions", "iterations", "episodes_per_iteration", "update_epochs", "num_minibatches",
-                 "seeds", "eval_episodes", "log_every", "jobs"):
+    for name in (
+        "n_agents",
+        "n_actions",
+        "iterations",
+        "episodes_per_iteration",
+        "update_epochs",
+        "num_minibatches",
+        "seeds",
+        "eval_episodes",
+        "log_every",
+        "jobs",
+    ):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.episodes_per_iteration % args.num_minibatches:
-        sys.exit(f"error: --episodes-per-iteration {args.episodes_per_iteration} does not split into "
-                 f"--num-minibatches {args.num_minibatches}")
+        sys.exit(
+            f"error: --episodes-per-iteration {args.episodes_per_iteration} does not split into "
+            f"--num-minibatches {args.num_minibatches}"
+        )
     if args.iterations < 4 * args.log_every:
         sys.exit(f"error: --iterations {args.iterations} must be at least 4 x --log-every ({4 * args.log_every})")
     main(args)

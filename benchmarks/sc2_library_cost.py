@@ -23,6 +23,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import fake_sc2  # noqa: E402
+
 import pmat_smac  # noqa: E402
 
 

@@ -12,6 +12,7 @@ Prints one table:
   * a short real training run of the script with its reference hyper-parameters (except --num-envs): time per
     PPO update, end-to-end SPS and peak memory (RSS of this process and of the env subprocesses).
 """
+
 import importlib
 import os
 import resource
@@ -130,7 +131,9 @@ def decoder_ms_per_step(module, bench, agent_counts, num_envs, obs_dim, act_dim,
         agent = module.PMAT(obs_dim, act_dim, order)
         obs = torch.randn(num_envs, n_agents, obs_dim)
         avail = torch.ones(num_envs, n_agents, act_dim, dtype=torch.bool)
-        calls[n_agents] = (lambda a=agent, o=obs, m=avail: a.act(o, m)) if bench == "smac" else (lambda a=agent, o=obs: a.act(o))
+        calls[n_agents] = (
+            (lambda a=agent, o=obs, m=avail: a.act(o, m)) if bench == "smac" else (lambda a=agent, o=obs: a.act(o))
+        )
         for _ in range(20):
             calls[n_agents]()
     best = {n: float("inf") for n in agent_counts}
@@ -151,17 +154,35 @@ def train_run(script, args, compile_flag=False):
     probe = importlib.import_module(script[:-3]).Args()
     batch = args.num_envs * probe.num_steps
     minibatches = probe.num_minibatches if batch % probe.num_minibatches == 0 else 1
-    sys.argv = [script, *config_flags(args), "--num-envs", str(args.num_envs), "--num-minibatches", str(minibatches),
-                "--total-timesteps", str(args.train_iterations * batch), "--eval-interval", "0", "--run-dir", run_dir,
-                "--seed", str(args.seed)] + (["--compile"] if compile_flag else [])
+    sys.argv = [
+        script,
+        *config_flags(args),
+        "--num-envs",
+        str(args.num_envs),
+        "--num-minibatches",
+        str(minibatches),
+        "--total-timesteps",
+        str(args.train_iterations * batch),
+        "--eval-interval",
+        "0",
+        "--run-dir",
+        run_dir,
+        "--seed",
+        str(args.seed),
+    ] + (["--compile"] if compile_flag else [])
     print("training:", " ".join(sys.argv))
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     acc = EventAccumulator(run_dir)
     acc.Reload()
     last = lambda tag: acc.Scalars(tag)[-1].value  # noqa: E731
-    return {"update_s": np.mean([e.value for e in acc.Scalars("perf/update_seconds")][1:] or [last("perf/update_seconds")]),
-            "rollout_s": np.mean([e.value for e in acc.Scalars("perf/rollout_seconds")][1:] or [last("perf/rollout_seconds")]),
-            "sps": last("charts/SPS"), "batch": batch, "minibatches": minibatches, "epochs": probe.update_epochs}
+    return {
+        "update_s": np.mean([e.value for e in acc.Scalars("perf/update_seconds")][1:] or [last("perf/update_seconds")]),
+        "rollout_s": np.mean([e.value for e in acc.Scalars("perf/rollout_seconds")][1:] or [last("perf/rollout_seconds")]),
+        "sps": last("charts/SPS"),
+        "batch": batch,
+        "minibatches": minibatches,
+        "epochs": probe.update_epochs,
+    }
 
 
 def main():
@@ -173,11 +194,15 @@ def main():
     module = importlib.import_module(script[:-3])
     runner = Runner(module, args)
     agents = {order: module.PMAT(runner.obs_dim, runner.act_dim, order) for order in ("pmat", "mat")}
-    choosers = {"env": runner.random_action,
-                "pmat": lambda: runner.policy_action(agents["pmat"].act),
-                "mat": lambda: runner.policy_action(agents["mat"].act)}
+    choosers = {
+        "env": runner.random_action,
+        "pmat": lambda: runner.policy_action(agents["pmat"].act),
+        "mat": lambda: runner.policy_action(agents["mat"].act),
+    }
     if args.compile:  # as the scripts' --compile does; compiled here, before the timed rounds
-        compiled = {order: torch.compile(agent.act, dynamic=False, options={"cpp_wrapper": True}) for order, agent in agents.items()}
+        compiled = {
+            order: torch.compile(agent.act, dynamic=False, options={"cpp_wrapper": True}) for order, agent in agents.items()
+        }
         choosers["pmat compiled"] = lambda: runner.policy_action(compiled["pmat"])
         choosers["mat compiled"] = lambda: runner.policy_action(compiled["mat"])
     rates = interleaved_rates(runner, choosers, args.steps, args.rounds)
@@ -186,28 +211,40 @@ def main():
     rows = [("env-only steps/s (random actions)", rates["env"])]
     for suffix in ("", " compiled") if args.compile else ("",):
         pmat, mat = rates["pmat" + suffix], rates["mat" + suffix]
-        rows += [(f"rollout steps/s, --order pmat{suffix}", pmat),
-                 (f"rollout steps/s, --order mat{suffix}", mat),
-                 (f"rollout / env-only (pmat{suffix})", pmat / rates["env"]),
-                 (f"rollout / env-only (mat{suffix})", mat / rates["env"]),
-                 (f"rollout pmat / mat{suffix}", pmat / mat),
-                 (f"  policy ms per rollout step, in the loop (pmat{suffix}: E/rollout - E/env-only)",
-                  (E / pmat - E / rates["env"]) * 1e3)]
+        rows += [
+            (f"rollout steps/s, --order pmat{suffix}", pmat),
+            (f"rollout steps/s, --order mat{suffix}", mat),
+            (f"rollout / env-only (pmat{suffix})", pmat / rates["env"]),
+            (f"rollout / env-only (mat{suffix})", mat / rates["env"]),
+            (f"rollout pmat / mat{suffix}", pmat / mat),
+            (
+                f"  policy ms per rollout step, in the loop (pmat{suffix}: E/rollout - E/env-only)",
+                (E / pmat - E / rates["env"]) * 1e3,
+            ),
+        ]
     dec = decoder_ms_per_step(module, args.benchmark, (5, 10), args.num_envs, runner.obs_dim, runner.act_dim)
     dec5, dec10 = dec[5], dec[10]
-    rows += [("policy ms per step, N=5 (synthetic)", dec5), ("policy ms per step, N=10 (synthetic)", dec10),
-             ("N=10 / N=5", dec10 / dec5)]
+    rows += [
+        ("policy ms per step, N=5 (synthetic)", dec5),
+        ("policy ms per step, N=10 (synthetic)", dec10),
+        ("N=10 / N=5", dec10 / dec5),
+    ]
     for compile_flag in (False, True) if args.compile else (False,):
         if args.train_iterations == 0:
             break
         train = train_run(script, args, compile_flag)
         suffix = ", --compile" if compile_flag else ""
         per_minibatch = train["update_s"] / (train["epochs"] * train["minibatches"]) * 1e3
-        rows += [(f"PPO update s per iteration ({train['epochs']} epochs x {train['minibatches']} mini-batches{suffix})", train["update_s"]),
-                 (f"  ms per mini-batch step{suffix}", per_minibatch),
-                 (f"rollout s per iteration ({train['batch']} env steps{suffix})", train["rollout_s"]),
-                 (f"training SPS (end to end, iterations 2+{suffix})", train["batch"] / (train["update_s"] + train["rollout_s"])),
-                 (f"training SPS (script's charts/SPS, incl. start-up{suffix})", train["sps"])]
+        rows += [
+            (
+                f"PPO update s per iteration ({train['epochs']} epochs x {train['minibatches']} mini-batches{suffix})",
+                train["update_s"],
+            ),
+            (f"  ms per mini-batch step{suffix}", per_minibatch),
+            (f"rollout s per iteration ({train['batch']} env steps{suffix})", train["rollout_s"]),
+            (f"training SPS (end to end, iterations 2+{suffix})", train["batch"] / (train["update_s"] + train["rollout_s"])),
+            (f"training SPS (script's charts/SPS, incl. start-up{suffix})", train["sps"]),
+        ]
     rows.append(("peak RSS, this process (MiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     rows.append(("peak RSS, largest env subprocess (MiB)", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))
 

@@ -1,4 +1,5 @@
 """Shared test helpers: the benchmark scripts live at the repo root and are imported as modules."""
+
 import contextlib
 import glob
 import io
@@ -19,8 +20,9 @@ if ROOT not in sys.path:
 
 def run_script(script, *flags, timeout=600):
     """Run a benchmark script as a user would; returns the CompletedProcess (stdout and stderr captured)."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_scalars(run_dir):

@@ -8,6 +8,7 @@ ValueNorm.update, normalize_advantages, ppo_loss and guarded_step (which average
 Rank 0 saves the new weights and ValueNorm's statistics to OUT.pt. The test runs the same update in one process on
 the union of the ranks' mini-batches and compares.
 """
+
 import os
 import sys
 
@@ -32,8 +33,16 @@ def make_batch():
     returns = 3.0 * torch.randn(BATCH, N_AGENTS) + 1.0
     advantages = 2.0 * torch.randn(BATCH, N_AGENTS) + 0.5
     shuffles = [[torch.randperm(BATCH // WORLD) for _ in range(WORLD)] for _ in range(EPOCHS)]
-    batch = (obs, action, order, log_prob + 0.05 * torch.randn(BATCH, N_AGENTS), order_log_prob + 0.05 * torch.randn(BATCH),
-             value, returns, advantages)  # old log-probs a little off, so that ratios differ from 1 and some clip
+    batch = (
+        obs,
+        action,
+        order,
+        log_prob + 0.05 * torch.randn(BATCH, N_AGENTS),
+        order_log_prob + 0.05 * torch.randn(BATCH),
+        value,
+        returns,
+        advantages,
+    )  # old log-probs a little off, so that ratios differ from 1 and some clip
     return agent, batch, shuffles
 
 
@@ -41,8 +50,11 @@ def minibatches(shuffles, ranks):
     """Mini-batch index lists of the given ranks' shares, in batch coordinates: epoch by epoch, mini-batch m of the
     union holds mini-batch m of every listed rank."""
     share, size = BATCH // WORLD, BATCH // WORLD // MINIBATCHES
-    return [torch.cat([r * share + shuffles[epoch][r][m * size : (m + 1) * size] for r in ranks])
-            for epoch in range(EPOCHS) for m in range(MINIBATCHES)]
+    return [
+        torch.cat([r * share + shuffles[epoch][r][m * size : (m + 1) * size] for r in ranks])
+        for epoch in range(EPOCHS)
+        for m in range(MINIBATCHES)
+    ]
 
 
 def update(agent, batch, mb_indices):
@@ -57,9 +69,16 @@ def update(agent, batch, mb_indices):
     targets = value_norm.normalize(returns)
     advantages = pm.normalize_advantages(advantages)
     for mb in mb_indices:
-        minibatch = {"obs": obs[mb], "actions": action[mb], "sigma": order[mb], "log_probs": log_prob[mb],
-                     "sigma_log_probs": order_log_prob[mb], "advantages": advantages[mb], "targets": targets[mb],
-                     "values": value[mb]}
+        minibatch = {
+            "obs": obs[mb],
+            "actions": action[mb],
+            "sigma": order[mb],
+            "log_probs": log_prob[mb],
+            "sigma_log_probs": order_log_prob[mb],
+            "advantages": advantages[mb],
+            "targets": targets[mb],
+            "values": value[mb],
+        }
         loss, _ = pm.ppo_loss(agent, args, minibatch)
         assert pm.guarded_step(optimizer, flat_params, loss, args.max_grad_norm)
     return flat_params.detach().clone(), torch.stack([value_norm.running_mean, value_norm.running_mean_sq])

@@ -49,7 +49,9 @@ def make_sc2path(root, maps=("3m",)):
     binary = os.path.join(binary_dir, "SC2_x64")
     here = os.path.dirname(os.path.abspath(__file__))
     with open(binary, "w") as f:
-        f.write(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {here!r})\nimport fake_sc2\nfake_sc2.main(sys.argv[1:])\n")
+        f.write(
+            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {here!r})\nimport fake_sc2\nfake_sc2.main(sys.argv[1:])\n"
+        )
     os.chmod(binary, os.stat(binary).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     for name in maps:
         with open(os.path.join(root, "Maps", "SMAC_Maps", f"{name}.SC2Map"), "wb") as f:
@@ -79,18 +81,30 @@ class Game:
         kinds = team(self.map_type, self.n_agents if owner == 1 else self.n_enemies)
         for i, kind in enumerate(kinds):
             y = MAP_SIZE / 2 + (i - (len(kinds) - 1) / 2) * 0.8
-            self.units[self.next_tag] = dict(owner=owner, kind=kind, x=13.0 if owner == 1 else 18.0, y=y,
-                                             health=UNITS[kind][2])
+            self.units[self.next_tag] = dict(
+                owner=owner, kind=kind, x=13.0 if owner == 1 else 18.0, y=y, health=UNITS[kind][2]
+            )
             self.next_tag += 1
 
     def unit_message(self, tag, u):
         ally_type, enemy_type, health_max, _ = UNITS[u["kind"]]
         return raw_pb2.Unit(
-            display_type=raw_pb2.Visible, alliance=raw_pb2.Self if u["owner"] == 1 else raw_pb2.Enemy, tag=tag,
-            unit_type=ally_type if u["owner"] == 1 else enemy_type, owner=u["owner"],
-            pos=common_pb2.Point(x=u["x"], y=u["y"], z=8.0), facing=0.0, radius=0.375, build_progress=1.0,
-            health=u["health"], health_max=health_max, shield=0.0, shield_max=0.0,
-            energy=200.0 if u["kind"] == "medivac" else 0.0, weapon_cooldown=0.0)
+            display_type=raw_pb2.Visible,
+            alliance=raw_pb2.Self if u["owner"] == 1 else raw_pb2.Enemy,
+            tag=tag,
+            unit_type=ally_type if u["owner"] == 1 else enemy_type,
+            owner=u["owner"],
+            pos=common_pb2.Point(x=u["x"], y=u["y"], z=8.0),
+            facing=0.0,
+            radius=0.375,
+            build_progress=1.0,
+            health=u["health"],
+            health_max=health_max,
+            shield=0.0,
+            shield_max=0.0,
+            energy=200.0 if u["kind"] == "medivac" else 0.0,
+            weapon_cooldown=0.0,
+        )
 
     def alive(self, owner):
         return [(t, u) for t, u in self.units.items() if u["owner"] == owner]
@@ -174,8 +188,11 @@ class Game:
                 command = action.action_raw.unit_command
                 point = command.target_world_space_pos
                 for tag in command.unit_tags:
-                    self.orders[tag] = (command.ability_id, command.target_unit_tag or None,
-                                        (point.x, point.y) if command.HasField("target_world_space_pos") else None)
+                    self.orders[tag] = (
+                        command.ability_id,
+                        command.target_unit_tag or None,
+                        (point.x, point.y) if command.HasField("target_world_space_pos") else None,
+                    )
                 response.action.result.append(error_pb2.Success)
         elif kind == "step":
             self.steps += 1

@@ -47,9 +47,11 @@ def test_plot_only_table_matches_known_values(tmp_path, capsys):
     for variant, per_seed in slopes.items():
         for seed, a in enumerate(per_seed, 1):
             # eval: a straight line from 0 to a, so final = a and AUC / steps = a / 2; charts/ is a decoy
-            write_run(tmp_path, f"{variant}_seed{seed}", {
-                "eval/win_rate": [(int(s), a * s / 1000) for s in steps],
-                "charts/win_rate": [(int(s), -7.0) for s in steps]})
+            write_run(
+                tmp_path,
+                f"{variant}_seed{seed}",
+                {"eval/win_rate": [(int(s), a * s / 1000) for s in steps], "charts/win_rate": [(int(s), -7.0) for s in steps]},
+            )
     write_run(tmp_path, "pmat_seed4", {"eval/win_rate": [(0, 100.0), (1000, 100.0)]}, done=False)
     assert rmat_ablation.main(["--plot-only", str(tmp_path), "--script", "pmat_smac.py"]) == 0
 
@@ -111,8 +113,24 @@ def test_resume_skips_finished_runs(tmp_path, capsys):
     counter = tmp_path / "counter.txt"
     out = tmp_path / "abl"
     (tmp_path / "FAIL_mat_2").touch()
-    cmd = ["--script", str(script), "--variants", "pmat", "mat", "--seeds", "2", "--out-dir", str(out),
-           "--jobs", "2", "--", "--counter-file", str(counter), "--total-timesteps", "400"]
+    cmd = [
+        "--script",
+        str(script),
+        "--variants",
+        "pmat",
+        "mat",
+        "--seeds",
+        "2",
+        "--out-dir",
+        str(out),
+        "--jobs",
+        "2",
+        "--",
+        "--counter-file",
+        str(counter),
+        "--total-timesteps",
+        "400",
+    ]
 
     assert rmat_ablation.main(cmd) == 1
     printed = capsys.readouterr().out
@@ -157,11 +175,38 @@ def test_real_tiny_ablation_on_mamujoco(tmp_path):
     """The real benchmark, end to end through the CLI: Ant 2x4, 3 variants x 2 seeds, 200 env steps each with
     an evaluation every iteration, 2 runs at a time; gives the PNG, the table, and a finished folder per run."""
     out = tmp_path / "abl"
-    cmd = [sys.executable, str(ROOT / "rmat_ablation.py"), "--script", str(ROOT / "pmat_mamujoco.py"),
-           "--seeds", "2", "--jobs", "2", "--out-dir", str(out), "--",
-           "--scenario", "Ant", "--agent-conf", "2x4", "--total-timesteps", "200", "--num-envs", "2",
-           "--num-steps", "50", "--num-minibatches", "1", "--update-epochs", "1", "--eval-interval", "1",
-           "--eval-episodes", "1", "--no-async-envs"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "rmat_ablation.py"),
+        "--script",
+        str(ROOT / "pmat_mamujoco.py"),
+        "--seeds",
+        "2",
+        "--jobs",
+        "2",
+        "--out-dir",
+        str(out),
+        "--",
+        "--scenario",
+        "Ant",
+        "--agent-conf",
+        "2x4",
+        "--total-timesteps",
+        "200",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "50",
+        "--num-minibatches",
+        "1",
+        "--update-epochs",
+        "1",
+        "--eval-interval",
+        "1",
+        "--eval-episodes",
+        "1",
+        "--no-async-envs",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MA-MuJoCo Ant 2x4" in proc.stdout and "eval/episodic_return" in proc.stdout

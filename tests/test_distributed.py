@@ -1,14 +1,14 @@
 """Data-parallel training with torchrun, on the CPU (gloo): the update of W ranks equals one process's update on
 the union of their batches, and each script runs under `torchrun --nproc_per_node 2`."""
+
 import glob
 import os
 import subprocess
 import sys
 
+import dist_update
 import pytest
 import torch
-
-import dist_update
 from conftest import ROOT
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -16,8 +16,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def torchrun(script, *flags, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([*TORCHRUN, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [*TORCHRUN, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_update_over_two_ranks_equals_one_process_on_the_union(tmp_path):
@@ -43,12 +44,56 @@ def test_update_over_two_ranks_equals_one_process_on_the_union(tmp_path):
 
 
 TINY = {
-    "pmat_mamujoco.py": ["--num-envs", "4", "--num-steps", "20", "--total-timesteps", "160", "--num-minibatches", "2",
-                         "--update-epochs", "2", "--no-async-envs", "--eval-interval", "2", "--eval-episodes", "1"],
-    "pmat_smac.py": ["--map", "3m", "--backend", "smax", "--num-envs", "4", "--num-steps", "20", "--total-timesteps", "160",
-                     "--update-epochs", "2", "--smax-max-steps", "30", "--eval-interval", "2", "--eval-episodes", "2"],
-    "pmat_grf.py": ["--num-envs", "2", "--num-steps", "20", "--total-timesteps", "80", "--update-epochs", "2",
-                    "--no-async-envs", "--eval-interval", "0"],
+    "pmat_mamujoco.py": [
+        "--num-envs",
+        "4",
+        "--num-steps",
+        "20",
+        "--total-timesteps",
+        "160",
+        "--num-minibatches",
+        "2",
+        "--update-epochs",
+        "2",
+        "--no-async-envs",
+        "--eval-interval",
+        "2",
+        "--eval-episodes",
+        "1",
+    ],
+    "pmat_smac.py": [
+        "--map",
+        "3m",
+        "--backend",
+        "smax",
+        "--num-envs",
+        "4",
+        "--num-steps",
+        "20",
+        "--total-timesteps",
+        "160",
+        "--update-epochs",
+        "2",
+        "--smax-max-steps",
+        "30",
+        "--eval-interval",
+        "2",
+        "--eval-episodes",
+        "2",
+    ],
+    "pmat_grf.py": [
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "20",
+        "--total-timesteps",
+        "80",
+        "--update-epochs",
+        "2",
+        "--no-async-envs",
+        "--eval-interval",
+        "0",
+    ],
 }
 
 

@@ -17,6 +17,7 @@ better bounds). check_env compares the observations of two resets with the same 
 The GRF tests need gfootball (`bash scripts/install_grf.sh`). Without it they are skipped with that instruction,
 except under CI (CI=true), where a missing gfootball is a failure: CI must test the real engine.
 """
+
 import inspect
 import os
 import warnings
@@ -82,8 +83,11 @@ def assert_seeded_episodes_repeat(env, fresh_env, steps, random_start):
 
 def test_every_gymnasium_env_class_is_checked():
     found = {
-        module.__name__: sorted(name for name, obj in vars(module).items()
-                                if inspect.isclass(obj) and issubclass(obj, gym.Env) and obj.__module__ == module.__name__)
+        module.__name__: sorted(
+            name
+            for name, obj in vars(module).items()
+            if inspect.isclass(obj) and issubclass(obj, gym.Env) and obj.__module__ == module.__name__
+        )
         for module in (pm, pg, ps)
     }
     assert found == {"pmat_mamujoco": ["MaMuJoCoEnv"], "pmat_grf": ["FootballEnv"], "pmat_smac": []}
@@ -94,8 +98,10 @@ def test_every_gymnasium_env_class_is_checked():
 def test_mamujoco_env_passes_the_checker(agent_conf):
     env = pm.MaMuJoCoEnv("Ant", agent_conf, agent_obsk=2)
     assert env.render_mode is None and not env.metadata["render_modes"]
-    library_unbounded = all(np.isinf(env.env.observation_space(a).low).all() and
-                            np.isinf(env.env.observation_space(a).high).all() for a in env.agents)
+    library_unbounded = all(
+        np.isinf(env.env.observation_space(a).low).all() and np.isinf(env.env.observation_space(a).high).all()
+        for a in env.agents
+    )
     assert library_unbounded  # gymnasium-robotics' own per-agent Boxes: joint velocities have no bound
     assert_only_accepted(checker_warnings(env), UNBOUNDED_OBSERVATIONS)
     assert_seeded_episodes_repeat(env, pm.MaMuJoCoEnv("Ant", agent_conf, agent_obsk=2), steps=10, random_start=True)
@@ -114,6 +120,7 @@ def test_football_env_passes_the_checker(grf):
     library_space = env.env.observation_space  # gfootball's own space for simple115v2 (the engine is built now)
     assert np.isinf(library_space.low).all() and np.isinf(library_space.high).all()
     assert_only_accepted(messages, UNBOUNDED_OBSERVATIONS)
-    assert_seeded_episodes_repeat(env, pg.FootballEnv("academy_3_vs_1_with_keeper", 3), steps=10,
-                                  random_start=False)  # the academy scenarios start from fixed positions
+    assert_seeded_episodes_repeat(
+        env, pg.FootballEnv("academy_3_vs_1_with_keeper", 3), steps=10, random_start=False
+    )  # the academy scenarios start from fixed positions
     env.close()

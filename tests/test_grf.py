@@ -3,6 +3,7 @@
 The engine tests need gfootball (`bash scripts/install_grf.sh`). Without it they are skipped with that
 instruction, except under CI (CI=true), where a missing gfootball is a failure: CI must test the real engine.
 """
+
 import glob
 import math
 import os
@@ -10,17 +11,15 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import conftest
 import numpy as np
 import pytest
 import torch
-
-import pmat_grf as pg
-import conftest
 from conftest import ROOT, read_scalars, run_script
 
+import pmat_grf as pg
+
 ORDERS = ["pmat", "mat", "rmat"]
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,8 +69,13 @@ def test_deterministic_actions_follow_their_agents():
 def raw_env(name, n_agents, engine_seed, rewards="scoring,checkpoints"):
     """gfootball itself (old gym API), for comparisons with the wrapper."""
     return pg.import_gfootball().create_environment(
-        env_name=name, representation="simple115v2", rewards=rewards, render=False,
-        number_of_left_players_agent_controls=n_agents, other_config_options={"game_engine_random_seed": engine_seed})
+        env_name=name,
+        representation="simple115v2",
+        rewards=rewards,
+        render=False,
+        number_of_left_players_agent_controls=n_agents,
+        other_config_options={"game_engine_random_seed": engine_seed},
+    )
 
 
 @pytest.mark.parametrize("name, n_agents", [*pg.PAPER_AGENTS.items(), ("academy_empty_goal_close", 1)])
@@ -182,11 +186,37 @@ def test_vector_env_score_of_the_final_step(grf):
 # ---------------------------------------------------------------------------------------------------------------
 # The script
 # ---------------------------------------------------------------------------------------------------------------
-TINY = ["--num-envs", "2", "--num-steps", "64", "--total-timesteps", "256", "--update-epochs", "2",
-        "--eval-interval", "2", "--eval-episodes", "2"]
-GRF_TAGS = ["charts/episode_score", "charts/win_rate", "eval/episode_score", "eval/win_rate", "charts/episodic_return",
-            "charts/SPS", "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/ranking_loss",
-            "losses/approx_kl", "order/neg_log_prob", "order/agent0_first", "order/agent1_first", "order/agent2_first"]
+TINY = [
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "64",
+    "--total-timesteps",
+    "256",
+    "--update-epochs",
+    "2",
+    "--eval-interval",
+    "2",
+    "--eval-episodes",
+    "2",
+]
+GRF_TAGS = [
+    "charts/episode_score",
+    "charts/win_rate",
+    "eval/episode_score",
+    "eval/win_rate",
+    "charts/episodic_return",
+    "charts/SPS",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/ranking_loss",
+    "losses/approx_kl",
+    "order/neg_log_prob",
+    "order/agent0_first",
+    "order/agent1_first",
+    "order/agent2_first",
+]
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +227,11 @@ def tiny_runs(tmp_path_factory):
     def run(order, seed=1, repeat=0):
         if (order, seed, repeat) not in done:
             run_dir = str(tmp_path_factory.mktemp(f"{order}_{seed}_{repeat}"))
-            flags = TINY + ["--order", order, "--seed", str(seed), "--run-dir", run_dir] + (["--save-model"] if order == "pmat" else [])
+            flags = (
+                TINY
+                + ["--order", order, "--seed", str(seed), "--run-dir", run_dir]
+                + (["--save-model"] if order == "pmat" else [])
+            )
             done[order, seed, repeat] = run_script("pmat_grf.py", *flags), run_dir
         return done[order, seed, repeat]
 
@@ -231,6 +265,7 @@ def test_script_runs_and_logs(grf, tiny_runs, order):
 
 def test_same_seed_same_run_other_seed_different(grf, tiny_runs):
     """The engines are seeded from --seed: a second rmat run with seed 1 repeats the first exactly, seed 2 does not."""
+
     def curves(seed, repeat=0):
         result, run_dir = tiny_runs("rmat", seed, repeat)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -243,11 +278,14 @@ def test_same_seed_same_run_other_seed_different(grf, tiny_runs):
     assert first != curves(2)
 
 
-@pytest.mark.parametrize("flags, bad, accepted", [
-    (["--env-name", "academy_4_vs_0"], "'academy_4_vs_0'", "academy_3_vs_1_with_keeper, academy_corner"),
-    (["--env-name", "academy_corner"], "needs --num-agents", "academy_counterattack_easy (4)"),
-    (["--env-name", "academy_empty_goal_close", "--num-agents", "3"], "--num-agents 3", "accepted: 1 to 2"),
-])
+@pytest.mark.parametrize(
+    "flags, bad, accepted",
+    [
+        (["--env-name", "academy_4_vs_0"], "'academy_4_vs_0'", "academy_3_vs_1_with_keeper, academy_corner"),
+        (["--env-name", "academy_corner"], "needs --num-agents", "academy_counterattack_easy (4)"),
+        (["--env-name", "academy_empty_goal_close", "--num-agents", "3"], "--num-agents 3", "accepted: 1 to 2"),
+    ],
+)
 def test_bad_env_input_gives_a_clear_message(grf, flags, bad, accepted):
     result = run_script("pmat_grf.py", *flags, "--total-timesteps", "1")
     assert result.returncode != 0
@@ -255,12 +293,15 @@ def test_bad_env_input_gives_a_clear_message(grf, flags, bad, accepted):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flags, bad, accepted", [
-    (["--rewards", "checkpoints"], "'checkpoints'", "'scoring,checkpoints', 'scoring'"),
-    (["--order", "best"], "best", "pmat"),
-    (["--representation", "pixels"], "pixels", "simple115v2"),
-    (["--num-envs", "0"], "--num-envs must be at least 1", "got 0"),
-])
+@pytest.mark.parametrize(
+    "flags, bad, accepted",
+    [
+        (["--rewards", "checkpoints"], "'checkpoints'", "'scoring,checkpoints', 'scoring'"),
+        (["--order", "best"], "best", "pmat"),
+        (["--representation", "pixels"], "pixels", "simple115v2"),
+        (["--num-envs", "0"], "--num-envs must be at least 1", "got 0"),
+    ],
+)
 def test_bad_flag_value_names_the_choices(flags, bad, accepted):
     """Checked before gfootball is imported: the message is the same on a machine without it."""
     result = run_script("pmat_grf.py", *flags)
@@ -271,8 +312,10 @@ def test_bad_flag_value_names_the_choices(flags, bad, accepted):
 
 def test_missing_gfootball_says_how_to_install():
     """Where gfootball cannot be imported, the script exits non-zero and names the install script."""
-    code = ("import runpy, sys; sys.modules['gfootball'] = None; sys.argv = ['pmat_grf.py']; "
-            "runpy.run_path('pmat_grf.py', run_name='__main__')")
+    code = (
+        "import runpy, sys; sys.modules['gfootball'] = None; sys.argv = ['pmat_grf.py']; "
+        "runpy.run_path('pmat_grf.py', run_name='__main__')"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "bash scripts/install_grf.sh" in result.stderr and "gfootball" in result.stderr

@@ -9,6 +9,7 @@ the scripts import them, and only those notices.
 Each check runs in a fresh interpreter (a library prints its notice once, at its first import), and a control run
 imports the library directly to show that the notice is really printed there.
 """
+
 import os
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_filters_drop_only_the_notices(tmp_path):
     robotics.mkdir()
     (robotics / "__init__.py").write_text(
         "import sys\n"
-        "print(\"X-v1 environment's reward functions were updated in v1.2.1 ...\", file=sys.stderr)\n"
+        'print("X-v1 environment\'s reward functions were updated in v1.2.1 ...", file=sys.stderr)\n'
         "print('another gymnasium_robotics line', file=sys.stderr)\n"
     )
     (robotics / "mamujoco_v1.py").write_text("NAME = 'fake mamujoco_v1'\n")
@@ -72,8 +73,7 @@ def test_filters_drop_only_the_notices(tmp_path):
         "print(pmat_mamujoco.import_mamujoco().NAME)\n"
         "print(pmat_smac.smax_maps())\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fake mamujoco_v1" in result.stdout and "fake_map" in result.stdout  # the fakes were the ones imported
     assert ADROIT_NOTICE not in result.stderr and "another gymnasium_robotics line" in result.stderr

@@ -1,6 +1,7 @@
 """Long runs (issue 12): checkpoints, --resume, the non-finite guard and the up-front flag checks. The shared code is
 tested in depth on Multi-Agent MuJoCo (the fastest real env here); SMAC gets one short resume on SMAX, GRF the flag
 checks (they run before gfootball is imported)."""
+
 import os
 import shutil
 import signal
@@ -8,28 +9,45 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+import conftest
 import pytest
 import torch
+from conftest import read_scalars, run_script
 
-import conftest
 import pmat_grf as pg
 import pmat_mamujoco as pm
 import pmat_smac as ps
-from conftest import read_scalars, run_script
 
 MODULES = {"pmat_mamujoco.py": pm, "pmat_smac.py": ps, "pmat_grf.py": pg}
 # HalfCheetah 6x1, 2 sync envs x 50 steps = 100 env steps per iteration, 2 epochs x 2 mini-batches = 4 Adam steps
-RUN = ["--scenario", "HalfCheetah", "--agent-conf", "6x1", "--num-envs", "2", "--num-steps", "50",
-       "--num-minibatches", "2", "--update-epochs", "2", "--eval-interval", "0", "--no-async-envs",
-       "--torch-deterministic", "--checkpoint-interval", "1"]
+RUN = [
+    "--scenario",
+    "HalfCheetah",
+    "--agent-conf",
+    "6x1",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "50",
+    "--num-minibatches",
+    "2",
+    "--update-epochs",
+    "2",
+    "--eval-interval",
+    "0",
+    "--no-async-envs",
+    "--torch-deterministic",
+    "--checkpoint-interval",
+    "1",
+]
 STEPS, UPDATES = 100, 4  # env steps and Adam steps per iteration of RUN
 LOSSES = ("losses/policy_loss", "losses/value_loss", "losses/ranking_loss", "losses/entropy")
 
 
 def train(run_dir, iterations, *flags):
-    result = run_script("pmat_mamujoco.py", *RUN, "--run-dir", str(run_dir), "--total-timesteps",
-                        str(iterations * STEPS), *flags)
+    result = run_script(
+        "pmat_mamujoco.py", *RUN, "--run-dir", str(run_dir), "--total-timesteps", str(iterations * STEPS), *flags
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -112,14 +130,25 @@ def test_bad_flag_values_give_the_same_line_in_every_script(flags, message):
         assert exit_info.value.code == message
 
 
-@pytest.mark.parametrize("script, flags, message", [  # the first three were a ZeroDivisionError, a ValueError from
-    # torch and a RuntimeError from a reshape inside the model
-    ("pmat_mamujoco.py", ["--num-envs", "0"], "error: --num-envs must be at least 1, got 0"),
-    ("pmat_mamujoco.py", ["--learning-rate", "-1"], "error: --learning-rate must be a number above 0, got -1.0"),
-    ("pmat_mamujoco.py", ["--n-embd", "63", "--n-head", "2"], "error: --n-embd must be a multiple of --n-head (2), got 63"),
-    ("pmat_smac.py", ["--map", "3m", "--learning-rate", "-1"], "error: --learning-rate must be a number above 0, got -1.0"),
-    ("pmat_grf.py", ["--learning-rate", "-1"], "error: --learning-rate must be a number above 0, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [  # the first three were a ZeroDivisionError, a ValueError from
+        # torch and a RuntimeError from a reshape inside the model
+        ("pmat_mamujoco.py", ["--num-envs", "0"], "error: --num-envs must be at least 1, got 0"),
+        ("pmat_mamujoco.py", ["--learning-rate", "-1"], "error: --learning-rate must be a number above 0, got -1.0"),
+        (
+            "pmat_mamujoco.py",
+            ["--n-embd", "63", "--n-head", "2"],
+            "error: --n-embd must be a multiple of --n-head (2), got 63",
+        ),
+        (
+            "pmat_smac.py",
+            ["--map", "3m", "--learning-rate", "-1"],
+            "error: --learning-rate must be a number above 0, got -1.0",
+        ),
+        ("pmat_grf.py", ["--learning-rate", "-1"], "error: --learning-rate must be a number above 0, got -1.0"),
+    ],
+)
 def test_bad_flags_exit_with_one_line_and_no_traceback(script, flags, message):
     assert one_error_line(run_script(script, *flags)) == message
 
@@ -171,8 +200,16 @@ def test_guarded_step_skips_non_finite_losses_and_gradients():
     action, log_prob, value, order, order_log_prob = agent.act(obs)
 
     def loss(advantages):
-        mb = {"obs": obs, "actions": action, "sigma": order, "log_probs": log_prob, "sigma_log_probs": order_log_prob,
-              "advantages": advantages, "targets": torch.randn(6, 4), "values": value}
+        mb = {
+            "obs": obs,
+            "actions": action,
+            "sigma": order,
+            "log_probs": log_prob,
+            "sigma_log_probs": order_log_prob,
+            "advantages": advantages,
+            "targets": torch.randn(6, 4),
+            "values": value,
+        }
         return pm.ppo_loss(agent, args, mb)[0]
 
     assert pm.guarded_step(optimizer, flat, loss(torch.randn(6, 4)), 0.5)  # Adam has a state now
@@ -217,8 +254,17 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     only, the restored weights, Adam state (step count, moments) and ValueNorm equal the checkpoint's, and the
     event files hold each logged step once."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(conftest.ROOT, "pmat_mamujoco.py"), *RUN, "--num-steps", "100",
-           "--run-dir", str(run_dir), "--total-timesteps", str(6 * 2 * STEPS)]  # 200 env steps per iteration
+    cmd = [
+        sys.executable,
+        os.path.join(conftest.ROOT, "pmat_mamujoco.py"),
+        *RUN,
+        "--num-steps",
+        "100",
+        "--run-dir",
+        str(run_dir),
+        "--total-timesteps",
+        str(6 * 2 * STEPS),
+    ]  # 200 env steps per iteration
     proc = subprocess.Popen(cmd, cwd=conftest.ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stdout:
@@ -244,13 +290,16 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     assert_same_state(restored, killed_at)
     assert killed_at["optimizer"]["state"][0]["step"] == k * UPDATES
     loaded, saved_args = pm.load_agent(str(run_dir / "checkpoint.pt"))  # a checkpoint also loads as a trained agent
-    assert saved_args["agent_conf"] == "6x1" and all(torch.equal(v, killed_at["model"][n]) for n, v in loaded.state_dict().items())
+    assert saved_args["agent_conf"] == "6x1" and all(
+        torch.equal(v, killed_at["model"][n]) for n, v in loaded.state_dict().items()
+    )
 
     result = resume(run_dir, 12)
     assert f"resumed from {run_dir / 'checkpoint.pt'} at iteration {k}/6" in result.stdout
     assert "the envs start fresh episodes" in result.stdout
-    assert [line.split(" |")[0] for line in result.stdout.splitlines() if line.startswith("iter ")] == \
-        [f"iter {i}/6" for i in range(k + 1, 7)]
+    assert [line.split(" |")[0] for line in result.stdout.splitlines() if line.startswith("iter ")] == [
+        f"iter {i}/6" for i in range(k + 1, 7)
+    ]
     final = load(run_dir / "checkpoint.pt")
     assert final["iteration"] == 6 and final["global_step"] == 6 * 2 * STEPS
     assert final["optimizer"]["state"][0]["step"] == 6 * UPDATES  # continued from the restored Adam, not a new one
@@ -291,10 +340,12 @@ def test_resume_is_deterministic_and_checks_its_flags(tmp_path, monkeypatch):
             pm.resume_args(pm.Args(resume=str(a)), fixed)
         return exit_info.value.code
 
-    assert ("was trained with --agent-conf 6x1, --n-embd 64, but this call gives --agent-conf 2x3, --n-embd 32: these "
-            "must stay") in refused("--agent-conf", "2x3", "--n-embd", "32")
+    assert (
+        "was trained with --agent-conf 6x1, --n-embd 64, but this call gives --agent-conf 2x3, --n-embd 32: these must stay"
+    ) in refused("--agent-conf", "2x3", "--n-embd", "32")
     assert f"--run-dir {a.resolve()}, but this call gives --run-dir {tmp_path / 'elsewhere'}" in refused(
-        "--run-dir", str(tmp_path / "elsewhere"))
+        "--run-dir", str(tmp_path / "elsewhere")
+    )
     line = one_error_line(run_script("pmat_mamujoco.py", *RUN, "--run-dir", str(a)), alone=False)  # a new run, used folder
     assert f"--run-dir {a} holds the checkpoint of an earlier run: continue it with --resume {a}" in line
     result = resume(a, 3)
@@ -320,8 +371,9 @@ def test_ablation_continues_an_unfinished_run_from_its_checkpoint(tmp_path, one_
     run_dir = out / "pmat_seed1"
     shutil.copytree(one_iteration, run_dir)  # as if the ablation's run (--order pmat --seed 1) was killed after iteration 1
     first = read_scalars(str(run_dir))["losses/policy_loss"]
-    args = rmat_ablation.Args(script=os.path.join(conftest.ROOT, "pmat_mamujoco.py"), variants=("pmat",), seeds=1,
-                              out_dir=str(out))
+    args = rmat_ablation.Args(
+        script=os.path.join(conftest.ROOT, "pmat_mamujoco.py"), variants=("pmat",), seeds=1, out_dir=str(out)
+    )
     assert rmat_ablation.run_all(args, RUN + ["--total-timesteps", str(2 * STEPS)]) == []
     log = (run_dir / "log.txt").read_text()
     assert "--resume" in log and "resumed from" in log and "iter 2/2" in log and "iter 1/2" not in log
@@ -334,8 +386,24 @@ def test_smac_resume_on_smax(tmp_path):
     """The SMAC script's own loop: one iteration, then --resume for the second; each step logged once."""
     pytest.importorskip("jaxmarl")
     run_dir = tmp_path / "smax"
-    tiny = ["--map", "3m", "--backend", "smax", "--num-envs", "2", "--num-steps", "20", "--update-epochs", "1",
-            "--smax-max-steps", "30", "--eval-interval", "0", "--checkpoint-interval", "1"]
+    tiny = [
+        "--map",
+        "3m",
+        "--backend",
+        "smax",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "20",
+        "--update-epochs",
+        "1",
+        "--smax-max-steps",
+        "30",
+        "--eval-interval",
+        "0",
+        "--checkpoint-interval",
+        "1",
+    ]
     result = run_script("pmat_smac.py", *tiny, "--total-timesteps", "40", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_script("pmat_smac.py", "--resume", str(run_dir), "--total-timesteps", "80")

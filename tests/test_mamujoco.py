@@ -1,16 +1,17 @@
 """PMAT core (continuous actions) and the Multi-Agent MuJoCo script, on the real gymnasium-robotics environment."""
+
 import glob
 import math
 import os
 
+import conftest
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import read_scalars, run_script
 
 import pmat_mamujoco as pm
-import conftest
-from conftest import read_scalars, run_script
 
 ORDERS = ["pmat", "mat", "rmat"]
 
@@ -169,12 +170,41 @@ def test_vector_env_resets_after_termination_and_keeps_truncation_apart():
     envs.close()
 
 
-TINY = ["--scenario", "HalfCheetah", "--agent-conf", "6x1", "--num-envs", "2", "--num-steps", "25",
-        "--total-timesteps", "100", "--num-minibatches", "2", "--update-epochs", "2", "--eval-interval", "2",
-        "--eval-episodes", "1", "--no-async-envs"]
-DOCUMENTED_TAGS = ["charts/SPS", "charts/learning_rate", "losses/value_loss", "losses/policy_loss", "losses/entropy",
-                   "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "losses/ranking_loss",
-                   "eval/episodic_return", "order/neg_log_prob", "order/agent0_first"]
+TINY = [
+    "--scenario",
+    "HalfCheetah",
+    "--agent-conf",
+    "6x1",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "25",
+    "--total-timesteps",
+    "100",
+    "--num-minibatches",
+    "2",
+    "--update-epochs",
+    "2",
+    "--eval-interval",
+    "2",
+    "--eval-episodes",
+    "1",
+    "--no-async-envs",
+]
+DOCUMENTED_TAGS = [
+    "charts/SPS",
+    "charts/learning_rate",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+    "losses/ranking_loss",
+    "eval/episodic_return",
+    "order/neg_log_prob",
+    "order/agent0_first",
+]
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -191,8 +221,9 @@ def test_script_runs_and_logs(order, tmp_path):
     if order == "pmat":  # the checkpoint loads and evaluates
         agent, saved_args = pm.load_agent(glob.glob(os.path.join(run_dir, "*.cleanrl_model"))[0])
         assert saved_args["order"] == "pmat" and saved_args["agent_conf"] == "6x1"
-        envs = gym.vector.SyncVectorEnv([lambda: pm.MaMuJoCoEnv("HalfCheetah", "6x1", agent_obsk=2)] * 2,
-                                        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        envs = gym.vector.SyncVectorEnv(
+            [lambda: pm.MaMuJoCoEnv("HalfCheetah", "6x1", agent_obsk=2)] * 2, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        )
         returns = pm.evaluate_policy(agent, envs, episodes=3, device="cpu")  # quotas 2 + 1
         envs.close()
         assert len(returns) == 3 and np.isfinite(returns).all()
@@ -226,8 +257,14 @@ def test_script_runs_with_compile(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         assert "iter 2/2" in result.stdout and "losses/ranking_loss" in read_scalars(run_dir)
     env = {**os.environ, "PATH": str(tmp_path), "CXX": "no-such-compiler"}  # no compiler on the PATH
-    result = subprocess.run([sys.executable, os.path.join(conftest.ROOT, "pmat_mamujoco.py"), *TINY, "--compile"],
-                            cwd=conftest.ROOT, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, os.path.join(conftest.ROOT, "pmat_mamujoco.py"), *TINY, "--compile"],
+        cwd=conftest.ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode != 0 and "--compile on the CPU needs a C++ compiler" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -266,11 +303,14 @@ def test_compile_checks_the_compiler_of_its_device(tmp_path, monkeypatch):
     assert f"'{tmp_path / 'no-such-cc'}' not found" in error(gpu) and "$CC" in error(gpu)
 
 
-@pytest.mark.parametrize("flags, bad, accepted", [
-    (["--agent-conf", "3x3"], "'3x3'", "2x4d, 4x2, 8x1"),
-    (["--scenario", "Spider"], "'Spider'", "HalfCheetah: 2x3, 6x1"),
-    (["--num-minibatches", "7", "--num-envs", "2", "--num-steps", "5"], "--num-minibatches 7", "divides"),
-])
+@pytest.mark.parametrize(
+    "flags, bad, accepted",
+    [
+        (["--agent-conf", "3x3"], "'3x3'", "2x4d, 4x2, 8x1"),
+        (["--scenario", "Spider"], "'Spider'", "HalfCheetah: 2x3, 6x1"),
+        (["--num-minibatches", "7", "--num-envs", "2", "--num-steps", "5"], "--num-minibatches 7", "divides"),
+    ],
+)
 def test_bad_input_gives_a_clear_message(flags, bad, accepted):
     result = run_script("pmat_mamujoco.py", *flags)
     assert result.returncode != 0
@@ -376,7 +416,14 @@ def test_compiled_policy_and_loss_equal_eager():
             flat.add_(0.05 * torch.randn_like(flat))  # an optimizer step, in place
     # the loss: same value and same gradient
     action, log_prob, value, order, order_log_prob = agent.act(obs)
-    inputs = {"obs": obs, "actions": action, "sigma": order, "log_probs": log_prob + 0.02,
-              "sigma_log_probs": order_log_prob - 0.03, "advantages": torch.randn(6, 4), "targets": torch.randn(6, 4),
-              "values": value}
+    inputs = {
+        "obs": obs,
+        "actions": action,
+        "sigma": order,
+        "log_probs": log_prob + 0.02,
+        "sigma_log_probs": order_log_prob - 0.03,
+        "advantages": torch.randn(6, 4),
+        "targets": torch.randn(6, 4),
+        "values": value,
+    }
     conftest.assert_compiled_loss_equals_eager(pm, agent, flat, inputs)

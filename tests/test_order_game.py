@@ -4,6 +4,7 @@ The learning test trains through the same PMAT, ppo_loss, compute_gae, ValueNorm
 pmat_smac.py (the benchmark imports them). It uses a ranking-loss coefficient of 1e-2 instead of the paper's 1e-4
 so that the order is learned within the test's budget (the benchmark's table shows 1e-4 too, slower).
 """
+
 import itertools
 import os
 import sys
@@ -12,7 +13,6 @@ from multiprocessing import get_context
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -42,7 +42,7 @@ def test_best_returns_by_enumeration(n_agents, n_actions):
         for c, *guesses in itertools.product(range(K), *[range(K)] * (j - 1)):
             action = torch.tensor([[c, *guesses, *[c] * (N - j)]])
             total += og.team_reward(action, torch.tensor([0])).item()
-        R.append(total / K ** j)
+        R.append(total / K**j)
     assert R[0] == 1.0 and all(r < 1 for r in R[1:])
     pl_best = 0.0
     for perm in itertools.permutations(range(N)):
@@ -74,7 +74,7 @@ def test_pmat_learns_who_decides_first_and_the_cut_off_scorer_does_not():
     # og.train called here, on both cores
     with get_context("spawn").Pool(2) as pool:
         results = pool.map(og._train_job, jobs)
-    runs = {variant: results[2 * i: 2 * i + 2] for i, variant in enumerate(variants)}
+    runs = {variant: results[2 * i : 2 * i + 2] for i, variant in enumerate(variants)}
     final = {k: np.mean([r["final_return"] for r in v]) for k, v in runs.items()}
     first = {k: np.mean([r["final_key_first"] for r in v]) for k, v in runs.items()}
     report = {k: (round(final[k], 3), round(first[k], 3)) for k in runs}  # (final return, key holder first)

@@ -1,4 +1,5 @@
 """Plackett-Luce order sampling (paper eq. 8, 11, 14), checked in every benchmark script that defines it."""
+
 import importlib
 import itertools
 import math
@@ -6,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 
 SCRIPTS = ["pmat_mamujoco", "pmat_smac", "pmat_grf"]
 
@@ -68,14 +68,18 @@ def test_sampled_frequencies_match_probabilities(pl, n):
         counts = np.bincount([index[tuple(o)] for o in sampled.tolist()], minlength=len(orders))
         assert np.all(np.abs(counts / samples - exact) < tol), (counts / samples, exact)
     # the returned log-probabilities belong to the returned orders
-    np.testing.assert_allclose(log_p[:50].exp().numpy(), [hand_probability(z[0], o) for o in gumbel_orders[:50].tolist()], rtol=1e-5)
+    np.testing.assert_allclose(
+        log_p[:50].exp().numpy(), [hand_probability(z[0], o) for o in gumbel_orders[:50].tolist()], rtol=1e-5
+    )
 
 
 def test_deterministic_order_sorts_by_weight_descending(pl):
     z = torch.tensor([[0.1, 2.0, -1.0, 0.5], [3.0, 1.0, 2.0, -5.0]])
     order, log_p = pl.plackett_luce_sample(z, deterministic=True)
     assert order.tolist() == [[1, 3, 0, 2], [0, 2, 1, 3]]
-    np.testing.assert_allclose(log_p.exp().numpy(), [hand_probability(z[0], [1, 3, 0, 2]), hand_probability(z[1], [0, 2, 1, 3])], rtol=1e-5)
+    np.testing.assert_allclose(
+        log_p.exp().numpy(), [hand_probability(z[0], [1, 3, 0, 2]), hand_probability(z[1], [0, 2, 1, 3])], rtol=1e-5
+    )
 
 
 def test_autograd_gradient_equals_eq14(pl):

@@ -15,12 +15,12 @@ import subprocess
 import sys
 import time
 
+import fake_sc2
 import numpy as np
 import pytest
-
-import fake_sc2
-import pmat_smac as ps
 from conftest import ROOT, read_scalars, run_script
+
+import pmat_smac as ps
 
 try:
     import smac.env  # noqa: F401  (SMAC v1)
@@ -40,8 +40,9 @@ def fake_game(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_SC2", json.dumps({"log_dir": str(log_dir), "token_dir": str(tmp_path)}))
 
     def set_fault(fault, at_step):
-        monkeypatch.setenv("FAKE_SC2", json.dumps({"fault": fault, "at_step": at_step, "log_dir": str(log_dir),
-                                                   "token_dir": str(tmp_path)}))
+        monkeypatch.setenv(
+            "FAKE_SC2", json.dumps({"fault": fault, "at_step": at_step, "log_dir": str(log_dir), "token_dir": str(tmp_path)})
+        )
 
     yield log_dir, set_fault
 
@@ -98,8 +99,8 @@ def test_observations_carry_agent_id_and_last_actions(fake_game):
     n_allies, ally_feats = sizes.get_obs_ally_feats_size()
 
     def last_actions(obs):  # (E, N, allies + 1, A): each ally's previous action, then the agent's own
-        allies = obs[..., start: start + n_allies * ally_feats].reshape(*obs.shape[:2], n_allies, ally_feats)
-        return np.concatenate([allies[..., -n_actions:], obs[..., None, -3 - n_actions: -3]], 2)
+        allies = obs[..., start : start + n_allies * ally_feats].reshape(*obs.shape[:2], n_allies, ally_feats)
+        return np.concatenate([allies[..., -n_actions:], obs[..., None, -3 - n_actions : -3]], 2)
 
     envs = ps.Sc2VecEnv("3m", 2, seed=0)
     try:
@@ -218,9 +219,27 @@ def test_script_trains_on_the_fake_game_and_survives_a_crash(fake_game, tmp_path
     log_dir, set_fault = fake_game
     set_fault("drop", at_step=30)
     run_dir = tmp_path / "run"
-    result = run_script("pmat_smac.py", "--map", "3m", "--backend", "sc2", "--num-envs", "2", "--num-steps", "20",
-                        "--total-timesteps", "120", "--update-epochs", "2", "--eval-interval", "3", "--eval-episodes", "2",
-                        "--run-dir", str(run_dir))  # the subprocess inherits SC2PATH and FAKE_SC2
+    result = run_script(
+        "pmat_smac.py",
+        "--map",
+        "3m",
+        "--backend",
+        "sc2",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "20",
+        "--total-timesteps",
+        "120",
+        "--update-epochs",
+        "2",
+        "--eval-interval",
+        "3",
+        "--eval-episodes",
+        "2",
+        "--run-dir",
+        str(run_dir),
+    )  # the subprocess inherits SC2PATH and FAKE_SC2
     assert result.returncode == 0, result.stderr[-3000:]
     assert "backend: sc2" in result.stdout and "warning: StarCraft II game" in result.stdout
     scalars = read_scalars(str(run_dir))
@@ -248,11 +267,14 @@ def test_missing_map_file_is_named(fake_game):
     assert ps.choose_backend("auto", "3m") == ("sc2", "SMAC v1 and StarCraft II are installed")
 
 
-@pytest.mark.parametrize("map_name, expected", [
-    ("4m_vs_nothing", ["error: unknown map '4m_vs_nothing'", "SMAC maps (real game): 3m", "MMM2", "SMAX maps: 3m"]),
-    ("10gen_terran_5_vs_5", ["error: --map 10gen_terran_5_vs_5 is one of smacv2's", "SMAC maps: 3m"]),
-    ("smacv2_5_units", ["error: 'smacv2_5_units' is a SMAX map, not a SMAC map: use --backend smax"]),
-])
+@pytest.mark.parametrize(
+    "map_name, expected",
+    [
+        ("4m_vs_nothing", ["error: unknown map '4m_vs_nothing'", "SMAC maps (real game): 3m", "MMM2", "SMAX maps: 3m"]),
+        ("10gen_terran_5_vs_5", ["error: --map 10gen_terran_5_vs_5 is one of smacv2's", "SMAC maps: 3m"]),
+        ("smacv2_5_units", ["error: 'smacv2_5_units' is a SMAX map, not a SMAC map: use --backend smax"]),
+    ],
+)
 def test_unknown_maps_are_named(fake_game, map_name, expected):
     with pytest.raises(SystemExit) as exit_info:
         ps.choose_backend("sc2", map_name)

@@ -1,16 +1,47 @@
 """The benchmark scripts copy the PMAT core on purpose (each reads on its own); the copies must stay identical."""
+
 import importlib
 import inspect
 
 import pytest
 
 SCRIPTS = ["pmat_mamujoco", "pmat_smac", "pmat_grf"]
-SHARED = ["plackett_luce_log_prob", "plackett_luce_sample", "gather_agents", "layer_init", "Attention", "mlp",
-          "EncodeBlock", "DecodeBlock", "Encoder", "ScoringBlock", "ValueNorm", "compute_gae",
-          "Decoder.new_caches", "PMAT.order_log_weights", "PMAT.get_value", "PMAT.decision_order", "PMAT.sigma_log_prob", "flatten_parameters", "masked_mean", "ppo_loss",
-          "setup_distributed", "all_reduce_sum", "all_reduce_mean", "normalize_advantages", "ranks_in_step",
-          "check_compiler", "check_args", "checkpoint_state", "save_checkpoint", "load_checkpoint", "resume_args",
-          "restore_checkpoint", "guarded_step", "nonfinite_error"]
+SHARED = [
+    "plackett_luce_log_prob",
+    "plackett_luce_sample",
+    "gather_agents",
+    "layer_init",
+    "Attention",
+    "mlp",
+    "EncodeBlock",
+    "DecodeBlock",
+    "Encoder",
+    "ScoringBlock",
+    "ValueNorm",
+    "compute_gae",
+    "Decoder.new_caches",
+    "PMAT.order_log_weights",
+    "PMAT.get_value",
+    "PMAT.decision_order",
+    "PMAT.sigma_log_prob",
+    "flatten_parameters",
+    "masked_mean",
+    "ppo_loss",
+    "setup_distributed",
+    "all_reduce_sum",
+    "all_reduce_mean",
+    "normalize_advantages",
+    "ranks_in_step",
+    "check_compiler",
+    "check_args",
+    "checkpoint_state",
+    "save_checkpoint",
+    "load_checkpoint",
+    "resume_args",
+    "restore_checkpoint",
+    "guarded_step",
+    "nonfinite_error",
+]
 
 
 def source(module, name):

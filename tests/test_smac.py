@@ -1,17 +1,18 @@
 """PMAT with discrete, masked actions and the SMAC script on the real SMAX backend (JaxMARL, CPU). The real-game
 backend (SMAC v1 against a fake StarCraft II binary) is tested in tests/test_sc2.py."""
+
 import math
 import os
 import subprocess
 import sys
 
+import conftest
 import numpy as np
 import pytest
 import torch
+from conftest import read_scalars, run_script
 
 import pmat_smac as ps
-import conftest
-from conftest import read_scalars, run_script
 
 ORDERS = ["pmat", "mat", "rmat"]
 
@@ -214,8 +215,17 @@ def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
     old_log_prob = log_prob + 0.1 * torch.randn(B, N) * active  # ratios away from 1, some clipped
     old_sigma_log_prob = sigma_log_prob + 0.1 * torch.randn(B)
     advantages, targets = torch.randn(B, N), torch.randn(B, N)
-    inputs = {"obs": obs, "actions": action, "sigma": sigma, "avail": avail, "log_probs": old_log_prob,
-              "sigma_log_probs": old_sigma_log_prob, "advantages": advantages, "targets": targets, "values": value}
+    inputs = {
+        "obs": obs,
+        "actions": action,
+        "sigma": sigma,
+        "avail": avail,
+        "log_probs": old_log_prob,
+        "sigma_log_probs": old_sigma_log_prob,
+        "advantages": advantages,
+        "targets": targets,
+        "values": value,
+    }
 
     flat.grad.zero_()
     loss, logged = ps.ppo_loss(agent, args, {**inputs, "active": active})
@@ -233,8 +243,10 @@ def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
     rank = -torch.min(rank_ratio * rank_adv, rank_ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * rank_adv).mean()
     clipped_value = value + (new_value - value).clamp(-args.clip_coef, args.clip_coef)
     huber = torch.nn.functional.huber_loss
-    v = torch.max(huber(new_value, targets, reduction="none", delta=args.huber_delta),
-                  huber(clipped_value, targets, reduction="none", delta=args.huber_delta)).mean()  # every agent
+    v = torch.max(
+        huber(new_value, targets, reduction="none", delta=args.huber_delta),
+        huber(clipped_value, targets, reduction="none", delta=args.huber_delta),
+    ).mean()  # every agent
     reference = pg - args.ent_coef * ent + args.vf_coef * v + args.rank_coef * rank
     reference.backward()
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-7)
@@ -246,10 +258,18 @@ def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
 
 
 DESIGN_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "DESIGN.md")
-DESIGN_ROWS = {"learning rate": "learning_rate", "PPO epochs": "update_epochs", "mini-batches": "num_minibatches",
-               "clip": "clip_coef", "entropy coef": "ent_coef", "max grad norm": "max_grad_norm",
-               "parallel envs": "num_envs", "rollout length": "num_steps", "env steps": "total_timesteps",
-               "ranking loss coef": "rank_coef"}
+DESIGN_ROWS = {
+    "learning rate": "learning_rate",
+    "PPO epochs": "update_epochs",
+    "mini-batches": "num_minibatches",
+    "clip": "clip_coef",
+    "entropy coef": "ent_coef",
+    "max grad norm": "max_grad_norm",
+    "parallel envs": "num_envs",
+    "rollout length": "num_steps",
+    "env steps": "total_timesteps",
+    "ranking loss coef": "rank_coef",
+}
 
 
 def design_table_column(column):
@@ -365,8 +385,8 @@ def test_smax_observations_end_with_the_previous_action_and_the_agent_id(smax_3m
     assert extended.obs_dim == plain.obs_dim + 8 + 3
     obs_p, avail = plain.reset()
     obs_x, _ = extended.reset()
-    np.testing.assert_array_equal(obs_x[..., :plain.obs_dim], obs_p)
-    assert (obs_x[..., plain.obs_dim:plain.obs_dim + 8] == 0).all()
+    np.testing.assert_array_equal(obs_x[..., : plain.obs_dim], obs_p)
+    assert (obs_x[..., plain.obs_dim : plain.obs_dim + 8] == 0).all()
     np.testing.assert_array_equal(obs_x[..., -3:], np.broadcast_to(np.eye(3), (2, 3, 3)))
     resets = 0
     for _ in range(80):
@@ -374,9 +394,9 @@ def test_smax_observations_end_with_the_previous_action_and_the_agent_id(smax_3m
         obs_p, avail, *_, done, _ = plain.step(action)
         obs_x, _, _, done_x, _ = extended.step(action)
         np.testing.assert_array_equal(done_x, done)
-        np.testing.assert_array_equal(obs_x[..., :plain.obs_dim], obs_p)
+        np.testing.assert_array_equal(obs_x[..., : plain.obs_dim], obs_p)
         expected = np.eye(8)[action] * ~done[:, None, None]  # a battle that just ended: the new one has no past
-        np.testing.assert_array_equal(obs_x[..., plain.obs_dim:plain.obs_dim + 8], expected)
+        np.testing.assert_array_equal(obs_x[..., plain.obs_dim : plain.obs_dim + 8], expected)
         np.testing.assert_array_equal(obs_x[..., -3:], np.broadcast_to(np.eye(3), (2, 3, 3)))
         resets += int(done.sum())
     assert resets >= 2
@@ -385,8 +405,26 @@ def test_smax_observations_end_with_the_previous_action_and_the_agent_id(smax_3m
 # ---------------------------------------------------------------------------------------------------------------
 # The script, as users run it
 # ---------------------------------------------------------------------------------------------------------------
-TINY = ["--map", "3m", "--backend", "smax", "--num-envs", "2", "--num-steps", "20", "--total-timesteps", "80",
-        "--update-epochs", "1", "--smax-max-steps", "30", "--eval-interval", "2", "--eval-episodes", "2"]
+TINY = [
+    "--map",
+    "3m",
+    "--backend",
+    "smax",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "20",
+    "--total-timesteps",
+    "80",
+    "--update-epochs",
+    "1",
+    "--smax-max-steps",
+    "30",
+    "--eval-interval",
+    "2",
+    "--eval-episodes",
+    "2",
+]
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -397,8 +435,15 @@ def test_script_runs_on_smax_and_logs(order, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "backend: smax" in result.stdout and "iter 2/2" in result.stdout
     scalars = read_scalars(run_dir)
-    for tag in ["charts/win_rate", "charts/episodic_return", "eval/win_rate", "losses/ranking_loss",
-                "order/neg_log_prob", "order/agent0_first", "order/agent2_first"]:
+    for tag in [
+        "charts/win_rate",
+        "charts/episodic_return",
+        "eval/win_rate",
+        "losses/ranking_loss",
+        "order/neg_log_prob",
+        "order/agent0_first",
+        "order/agent2_first",
+    ]:
         assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
     assert all(0.0 <= v <= 1.0 for _, v in scalars["charts/win_rate"] + scalars["eval/win_rate"])
     assert [s for s, _ in scalars["charts/SPS"]] == [40, 80]
@@ -416,11 +461,14 @@ def test_script_runs_on_smax_and_logs(order, tmp_path):
         assert saved["map"] == "3m" and agent.n_actions == 8
 
 
-@pytest.mark.parametrize("backend, map_name, expected", [
-    ("smax", "MMM2", ["error: map 'MMM2' is not in SMAX", "no medivac", "SMAX maps: 3m", "10m_vs_11m"]),
-    ("smax", "4m_vs_nothing", ["error: unknown map '4m_vs_nothing'", "SMAC maps (real game): 3m", "SMAX maps: 3m, 2s3z"]),
-    ("auto", "4m_vs_nothing", ["error: unknown map '4m_vs_nothing'", "SMAC maps (real game): 3m", "SMAX maps: 3m"]),
-])
+@pytest.mark.parametrize(
+    "backend, map_name, expected",
+    [
+        ("smax", "MMM2", ["error: map 'MMM2' is not in SMAX", "no medivac", "SMAX maps: 3m", "10m_vs_11m"]),
+        ("smax", "4m_vs_nothing", ["error: unknown map '4m_vs_nothing'", "SMAC maps (real game): 3m", "SMAX maps: 3m, 2s3z"]),
+        ("auto", "4m_vs_nothing", ["error: unknown map '4m_vs_nothing'", "SMAC maps (real game): 3m", "SMAX maps: 3m"]),
+    ],
+)
 def test_maps_smax_cannot_play_are_refused_by_name(backend, map_name, expected):
     """In-process (no subprocess start-up): the message sys.exit prints, naming the map and the maps there are."""
     with pytest.raises(SystemExit) as exit_info:
@@ -429,20 +477,35 @@ def test_maps_smax_cannot_play_are_refused_by_name(backend, map_name, expected):
         assert text in exit_info.value.code
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--map", "MMM2", "--cuda"], ["needs the real game", "Installing StarCraft II and SMAC", "no medivac", "SMAX maps: 3m"]),
-    (["--map", "3m", "--backend", "sc2"], ["--backend sc2 cannot run", "Installing StarCraft II and SMAC"]),
-    (["--map", "foo"], ["error: unknown map 'foo'", "SMAC maps (real game): 3m", "SMAX maps: 3m"]),
-    (["--backend", "bogus"], ["bogus", "auto", "sc2", "smax"]),
-    (["--map", "3m", "--num-envs", "0"], ["error: --num-envs must be at least 1, got 0"]),
-    (["--map", "3m", "--sc2-step-timeout", "0"], ["error: --sc2-step-timeout must be a number of seconds above 0, got 0.0"]),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (
+            ["--map", "MMM2", "--cuda"],
+            ["needs the real game", "Installing StarCraft II and SMAC", "no medivac", "SMAX maps: 3m"],
+        ),
+        (["--map", "3m", "--backend", "sc2"], ["--backend sc2 cannot run", "Installing StarCraft II and SMAC"]),
+        (["--map", "foo"], ["error: unknown map 'foo'", "SMAC maps (real game): 3m", "SMAX maps: 3m"]),
+        (["--backend", "bogus"], ["bogus", "auto", "sc2", "smax"]),
+        (["--map", "3m", "--num-envs", "0"], ["error: --num-envs must be at least 1, got 0"]),
+        (
+            ["--map", "3m", "--sc2-step-timeout", "0"],
+            ["error: --sc2-step-timeout must be a number of seconds above 0, got 0.0"],
+        ),
+    ],
+)
 def test_bad_input_gives_a_clear_message(flags, expected, tmp_path):
     """As users run it: `--map MMM2 --cuda` without the game (the README's command), the sc2 backend without the
     game, a map nobody has, a backend that does not exist, no envs: a message, a non-zero exit, no traceback."""
     env = dict(os.environ, SC2PATH=str(tmp_path / "no_game_here"))  # whatever this machine has installed
-    result = subprocess.run([sys.executable, os.path.join(conftest.ROOT, "pmat_smac.py"), *flags], cwd=conftest.ROOT,
-                            capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(
+        [sys.executable, os.path.join(conftest.ROOT, "pmat_smac.py"), *flags],
+        cwd=conftest.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode != 0
     for text in expected:
         assert text in result.stderr, f"{text!r} not in: {result.stderr[-2000:]}"
@@ -464,7 +527,15 @@ def test_compiled_policy_and_loss_equal_eager():
     for a, b in zip(act(obs, avail, deterministic=True), agent.act(obs, avail, deterministic=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     action, log_prob, value, order, order_log_prob = agent.act(obs, avail)
-    inputs = {"obs": obs, "actions": action, "sigma": order, "avail": avail, "log_probs": log_prob + 0.02,
-              "sigma_log_probs": order_log_prob - 0.03, "advantages": torch.randn(6, 4), "targets": torch.randn(6, 4),
-              "values": value}
+    inputs = {
+        "obs": obs,
+        "actions": action,
+        "sigma": order,
+        "avail": avail,
+        "log_probs": log_prob + 0.02,
+        "sigma_log_probs": order_log_prob - 0.03,
+        "advantages": torch.randn(6, 4),
+        "targets": torch.randn(6, 4),
+        "values": value,
+    }
     conftest.assert_compiled_loss_equals_eager(ps, agent, flat, inputs)
