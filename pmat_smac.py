@@ -1088,7 +1088,7 @@ def evaluate_policy(agent, envs, episodes, device):
 
 def load_agent(path, device="cpu"):
     """Rebuild a trained agent from a `--save-model` checkpoint -> (agent, the run's args as a dict)."""
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    checkpoint = torch.load(path, map_location=device, weights_only=True)  # tensors and plain values only
     a = checkpoint["args"]
     agent = PMAT(checkpoint["obs_dim"], checkpoint["n_actions"], a["order"], a["n_embd"], a["n_head"], a["n_block"])
     agent.load_state_dict(checkpoint["model"])
@@ -1327,6 +1327,8 @@ if __name__ == "__main__":
         )
     # torchrun: --num-envs is the total; each of the W ranks runs num_envs / W envs and updates on its own share
     rank, world_size, device = setup_distributed(args.cuda)
+    if args.compile:  # before anything is written: a missing compiler leaves no empty run folder behind
+        check_compiler(device)
     if args.num_envs % world_size != 0:
         sys.exit(
             f"error: --num-envs {args.num_envs} does not split over the {world_size} ranks of this torchrun; choose a "
@@ -1388,8 +1390,6 @@ if __name__ == "__main__":
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.compile:
-        check_compiler(device)
 
     # Env setup
     if rank == 0:

@@ -246,7 +246,7 @@ def test_same_seed_same_losses_other_seed_different(tmp_path):
 
 def test_script_runs_with_compile(tmp_path):
     """--compile end to end (the compiled functions themselves are checked in test_compiled_policy_and_loss_equal_eager);
-    without a C++ compiler it stops at once with a message that says what to install."""
+    without a C++ compiler it stops at once with a message that says what to install, before making the run folder."""
     import shutil
     import subprocess
     import sys
@@ -258,7 +258,14 @@ def test_script_runs_with_compile(tmp_path):
         assert "iter 2/2" in result.stdout and "losses/ranking_loss" in read_scalars(run_dir)
     env = {**os.environ, "PATH": str(tmp_path), "CXX": "no-such-compiler"}  # no compiler on the PATH
     result = subprocess.run(
-        [sys.executable, os.path.join(conftest.ROOT, "pmat_mamujoco.py"), *TINY, "--compile"],
+        [
+            sys.executable,
+            os.path.join(conftest.ROOT, "pmat_mamujoco.py"),
+            *TINY,
+            "--compile",
+            "--run-dir",
+            str(tmp_path / "x"),
+        ],
         cwd=conftest.ROOT,
         capture_output=True,
         text=True,
@@ -267,6 +274,7 @@ def test_script_runs_with_compile(tmp_path):
     )
     assert result.returncode != 0 and "--compile on the CPU needs a C++ compiler" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()  # no empty run folder left behind
 
 
 def test_compile_checks_the_compiler_of_its_device(tmp_path, monkeypatch):
