@@ -9,6 +9,9 @@ PMAT = MAT + AGPS:
     sigma is sampled from the Plackett-Luce distribution over those ratings (eq. 8, 11), the decoder acts in
     that order, and the order itself is trained with a clipped PPO "ranking" loss (eq. 15-16).
 
+Shapes in comments: B batch, N agents, L positions, C = n_embd, H heads, A action size (or count), T = num_steps,
+E = this rank's envs, M = mini-batch size, W = torchrun ranks. "Position k" is the k-th agent to act, sigma(k).
+
 Run:  python pmat_mamujoco.py --scenario Ant --agent-conf 4x2        (see --help for every flag)
 """
 
@@ -183,8 +186,9 @@ class MaMuJoCoEnv(gym.Env):
     """All agents of one MaMuJoCo task as one gymnasium env, so that gymnasium's vector envs can batch it.
 
     obs (N, obs_dim) float32, each agent's observation zero-padded to the largest; action (N, act_dim), clipped
-    to the action box; reward: the shared team reward; info["state"]: the global state (S,). Termination (the
-    robot fell) and truncation (the 1000-step time limit) are kept apart; the vector env resets after either.
+    to the action box; reward: the shared team reward; info["state"]: the global state (S,), not used by PMAT (its
+    encoder reads the observations only, as the reference's). Termination (the robot fell) and truncation (the
+    1000-step time limit) are kept apart; the vector env resets after either.
     """
 
     def __init__(self, scenario, agent_conf, agent_obsk):
@@ -330,8 +334,8 @@ class DecodeBlock(nn.Module):
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
 
     def forward(self, x, rep):  # (B, L, C) action embeddings, (B, L, C) observation encodings, both in decision order
-        x = self.ln1(x + self.attn1(x, x))  # actions of the agents before k
-        x = self.ln2(rep + self.attn2(rep, x))  # agent k's observation looks at them
+        x = self.ln1(x + self.attn1(x, x))  # the actions of the positions before k
+        x = self.ln2(rep + self.attn2(rep, x))  # position k's observation encoding looks at them
         return self.ln3(x + self.mlp(x))
 
     def step(self, x, rep, caches, pos):  # (B, C) position pos's action embedding and encoding; 2 caches (B, N, 2C)
@@ -342,7 +346,7 @@ class DecodeBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Observations -> encodings obs_rep (B, N, C) and per-agent values (B, N). No positional encoding: swapping
+    """Observations -> encodings rep (B, N, C) and per-agent values (B, N). No positional encoding: swapping
     two agents' observations swaps their outputs (permutation-equivariant), so any decision order can be used."""
 
     def __init__(self, obs_dim, n_embd, n_head, n_block):
@@ -383,8 +387,8 @@ class ScoringBlock(nn.Module):
 
 class Decoder(nn.Module):
     """Continuous actions: input at position k is the action of position k-1 (zeros at k = 0); output is the mean
-    of agent k's Gaussian. The std is learned and state-independent: std = 0.5 * sigmoid(std_logit) (MAT's
-    log_std parameter; it is not a log)."""
+    of the Gaussian of position k's agent, sigma(k). The std is learned and state-independent:
+    std = 0.5 * sigmoid(std_logit) (MAT's log_std parameter; it is not a log)."""
 
     def __init__(self, act_dim, n_embd, n_head, n_block):
         super().__init__()
@@ -460,7 +464,7 @@ class PMAT(nn.Module):
             return torch.arange(N, device=rep.device).expand(B, N), torch.zeros(B, device=rep.device)
         return plackett_luce_sample(self.order_log_weights(rep), deterministic and self.order_mode == "pmat")
 
-    def sigma_log_prob(self, rep, sigma):  # (B, N, C), (B, N) -> log P(sigma) (B,), eq. 11; 0 for MAT's fixed order
+    def sigma_log_prob(self, rep, sigma):  # (B, N, C), (B, N) -> log P(sigma) (B,), eq. 8, 11; 0 for MAT's fixed order
         if self.order_mode == "mat":
             return torch.zeros(rep.shape[0], device=rep.device)
         return plackett_luce_log_prob(self.order_log_weights(rep), sigma)
@@ -471,10 +475,11 @@ class PMAT(nn.Module):
         with torch.inference_mode():  # speed: like no_grad, but cheaper per op (the rollout is bound by per-op overhead)
             rep, value = self.encoder(obs)
             sigma, sigma_log_prob = self.decision_order(rep, deterministic)
-            rep = gather_agents(rep, sigma)  # (B, N, C), reordered: position k holds agent sigma(k)
+            rep_sigma = gather_agents(rep, sigma)  # (B, N, C), reordered: position k holds agent sigma(k)
             B, N, _ = rep.shape
             # Auto-regressive decoding (eq. 6): position k sees the actions of positions < k. The plain loop is
-            #     for k in range(N): out_k = self.decoder(prev_actions[:, : k + 1], rep[:, : k + 1])[:, k]
+            #     for k in range(N): out_k = self.decoder(prev[:, : k + 1], rep_sigma[:, : k + 1])[:, k]
+            # (prev[:, j]: the action drawn at position j - 1; zeros or the start token at j = 0),
             # which runs positions 0..k again at every k. Speed-up, same outputs: decoder.step runs position k alone
             # and reads the keys and values of positions < k from a cache (Attention.step).
             caches = self.decoder.new_caches(B, N)
@@ -482,7 +487,7 @@ class PMAT(nn.Module):
             prev_action = torch.zeros(B, self.act_dim, device=obs.device)  # the decoder input at k = 0
             means, actions = [], []
             for k in range(N):
-                mean = self.decoder.step(prev_action, rep[:, k], caches, k)  # (B, A)
+                mean = self.decoder.step(prev_action, rep_sigma[:, k], caches, k)  # (B, A)
                 prev_action = mean if deterministic else mean + std * torch.randn_like(mean)  # agent sigma(k+1) sees it
                 means.append(mean)
                 actions.append(prev_action)
@@ -490,13 +495,14 @@ class PMAT(nn.Module):
             log_prob = gaussian_log_prob(action, mean, std)  # (B, N)
             inverse = torch.argsort(sigma, dim=1)  # inverse[b, i] = position of agent i in the order
             outputs = gather_agents(action, inverse), gather_agents(log_prob, inverse), value, sigma, sigma_log_prob
-        return tuple(x.clone() for x in outputs)  # speed: inference tensors -> ordinary ones, usable in a training pass
+        return tuple(x.clone() for x in outputs)  # inference tensors -> ordinary ones (autograd refuses the former)
 
     def evaluate_actions(self, obs, actions, sigma, avail=None):
         """Training pass: one teacher-forced decoder call over the stored actions, in the STORED order sigma, so each
         agent's log-prob is conditioned on the same predecessors as in the rollout (paper eq. 6).
         obs (B, N, obs_dim), actions (B, N, A), sigma (B, N) -> log-probs (B, N), entropy (B, N), values (B, N),
-        log P(sigma) (B,). avail: the discrete scripts' action masks; continuous actions have none."""
+        log P(sigma) (B,). avail: SMAC's action masks, unused here (the argument keeps ppo_loss the same in the three
+        scripts)."""
         rep, value = self.encoder(obs)
         actions_sigma = gather_agents(actions, sigma)  # (B, N, A), in decision order
         prev_action = torch.cat([torch.zeros_like(actions_sigma[:, :1]), actions_sigma[:, :-1]], dim=1)  # shifted right
@@ -549,7 +555,7 @@ def all_reduce_mean(x):
 def normalize_advantages(advantages, active=None):
     """(A - mean) / (std + 1e-5) with the mean and the (unbiased) std of every rank's advantages, so that W ranks
     normalise exactly as one process with the union of their batches; over the active entries only when given
-    (SMAC: alive agents, as MAT). advantages (M, N), active (M, N) bool or None."""
+    (SMAC: alive agents, as MAT). advantages (T*E, N), the whole rollout; active the same shape, bool, or None."""
     values = advantages.flatten() if active is None else advantages[active]
     count, total = all_reduce_sum(torch.stack([torch.tensor(float(values.numel()), device=values.device), values.sum()]))
     mean = total / count
@@ -652,9 +658,9 @@ def ppo_loss(agent, args, mb):
     "avail" (SMAC's action masks; absent in the other scripts), "log_probs" (M, N) and "sigma_log_probs" (M,) under
     the rollout's policy, "advantages" (M, N) normalised, "values" and "targets" (M, N) the rollout's normalised
     values and value targets, "active" (M, N) bool the agents that acted (SMAC: alive; absent when all always act).
-    The policy loss, the entropy and the ranking advantage average over active agents only (as MAT); the value loss
-    over all agents. Returns (loss, logged): logged holds the detached policy_loss, value_loss, ranking_loss,
-    entropy, approx_kl and clipfrac.
+    The policy loss, the entropy, the ranking advantage, approx_kl and clipfrac average over active agents only (as
+    MAT); the value loss over all agents. Returns (loss, logged): logged holds the detached policy_loss,
+    value_loss, ranking_loss, entropy, approx_kl and clipfrac.
     """
     new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate_actions(
         mb["obs"], mb["actions"], mb["sigma"], mb.get("avail")
@@ -972,7 +978,7 @@ if __name__ == "__main__":
             if rank == 0
             else 1
         )
-    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.minibatch_size = args.batch_size // args.num_minibatches  # over all ranks; each rank's: mb_size (step 3)
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.num_iterations < 1:
         sys.exit(
@@ -1027,7 +1033,8 @@ if __name__ == "__main__":
         print(
             f"{args.scenario} {args.agent_conf}: {n_agents} agents, obs {obs_dim}, actions {act_dim}; order={args.order}; "
             f"{args.num_envs} {'async' if async_envs else 'sync'} envs"
-            f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}"
+            f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}",
+            flush=True,
         )
 
     agent = PMAT(obs_dim, act_dim, args.order, args.n_embd, args.n_head, args.n_block).to(device)
@@ -1075,15 +1082,15 @@ if __name__ == "__main__":
                 flush=True,
             )
     start_time, start_step = time.time(), global_step
-    next_obs, _ = envs.reset(seed=args.seed + global_step + rank * E)  # env e of rank r: seed + r * E + e
+    skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
+    next_obs, _ = envs.reset(seed=args.seed + global_step + rank * E)  # env e of rank r: seed + global_step + r * E + e
     next_obs = torch.as_tensor(next_obs, device=device)
     episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=int)
-    skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         finished_returns, finished_lengths = [], []
-        first_counts = torch.zeros(N, device=device)
-        bootstrap_buf.zero_()
+        first_counts = torch.zeros(N, device=device)  # (N,) how often each agent acts first: order/agent{i}_first
+        bootstrap_buf.zero_()  # written only where the time limit cut an episode: clear the last rollout's
         # 1. Rollout: per step, sample an order sigma (Plackett-Luce, eq. 8, 11), decode the agents' actions in that
         #    order (each sees its predecessors' actions, eq. 6), restore agent order, step the envs
         rollout_start = time.time()
@@ -1118,7 +1125,7 @@ if __name__ == "__main__":
         # 2. GAE on de-normalised values, then the value normaliser (ValueNorm) sees the new targets
         with torch.no_grad():
             next_value = value_norm.denormalize(agent.get_value(next_obs))
-            values = value_norm.denormalize(value_buf)
+            values = value_norm.denormalize(value_buf)  # (T, E, N) de-normalised; batch["values"] stays normalised
             advantages, returns = compute_gae(
                 reward_buf, values, done_buf, bootstrap_buf, next_value, args.gamma, args.gae_lambda
             )
@@ -1144,7 +1151,7 @@ if __name__ == "__main__":
             b_inds = torch.randperm(n_samples, device=device)
             for start in range(0, n_samples, mb_size):
                 mb_inds = b_inds[start : start + mb_size]
-                mb = {key: value[mb_inds] for key, value in batch.items()}
+                mb = {key: tensor[mb_inds] for key, tensor in batch.items()}
                 loss, logged = loss_fn(agent, args, mb)
                 if guarded_step(optimizer, flat_params, loss, args.max_grad_norm):
                     skipped_in_a_row = 0
@@ -1158,7 +1165,7 @@ if __name__ == "__main__":
                             eval_envs.close()
                         sys.exit(nonfinite_error(skipped_in_a_row, checkpoint_path) if rank == 0 else 1)
                 clipfracs.append(logged["clipfrac"])
-        logged["clipfrac"] = torch.stack(clipfracs).mean()  # over every mini-batch; the other losses: the last one
+        logged["clipfrac"] = torch.stack(clipfracs).mean()  # over every mini-batch; the other values: the last mini-batch's
 
         with torch.no_grad():
             y_true, y_pred = returns.flatten(), values.flatten()
@@ -1174,8 +1181,8 @@ if __name__ == "__main__":
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("perf/rollout_seconds", rollout_seconds, global_step)
         writer.add_scalar("perf/update_seconds", update_seconds, global_step)
-        for name, value in logged.items():  # policy_loss, value_loss, ranking_loss, entropy, approx_kl, clipfrac
-            writer.add_scalar(f"losses/{name}", value.item(), global_step)
+        for name, x in logged.items():  # policy_loss, value_loss, ranking_loss, entropy, approx_kl, clipfrac
+            writer.add_scalar(f"losses/{name}", x.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/skipped_updates", skipped, global_step)
         if skipped:
@@ -1194,7 +1201,8 @@ if __name__ == "__main__":
             eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
             writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
             print(
-                f"  eval: return {np.mean(eval_returns):.1f} +- {np.std(eval_returns):.1f} over {len(eval_returns)} episodes"
+                f"  eval: return {np.mean(eval_returns):.1f} +- {np.std(eval_returns):.1f} over {len(eval_returns)} episodes",
+                flush=True,
             )
         mean_return = f"{np.mean(finished_returns):9.1f}" if finished_returns else "        -"
         eta = (args.num_iterations - iteration) * (time.time() - start_time) / (iteration - start_iteration + 1)
