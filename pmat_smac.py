@@ -656,17 +656,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, C/H)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))  # (B, L, C)
 
-    def step(self, query, key_value, cache, pos):  # (B, C) the new position pos; cache (B, N, 2C)
-        """Speed-up for the rollout, same outputs as a causal forward(): only position pos attends, to positions
-        0..pos. The keys and values of positions < pos are in cache from earlier steps; this adds those of pos."""
-        B, C = query.shape
-        H = self.n_head
-        cache[:, pos] = self.key_value(key_value)  # (B, 2C)
-        q = self.query(query).view(B, H, 1, C // H)  # (B, H, 1, C/H)
-        k, v = cache[:, : pos + 1].view(B, pos + 1, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, pos+1, C/H)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, C/H); no mask: later positions are not cached yet
-        return self.proj(y.reshape(B, C))  # (B, C)
-
 
 def mlp(n_embd):
     return nn.Sequential(layer_init(nn.Linear(n_embd, n_embd), GELU_GAIN), nn.GELU(), layer_init(nn.Linear(n_embd, n_embd)))
@@ -699,12 +688,6 @@ class DecodeBlock(nn.Module):
     def forward(self, x, rep):  # (B, L, C) action embeddings, (B, L, C) observation encodings, both in decision order
         x = self.ln1(x + self.attn1(x, x))  # the actions of the positions before k
         x = self.ln2(rep + self.attn2(rep, x))  # position k's observation encoding looks at them
-        return self.ln3(x + self.mlp(x))
-
-    def step(self, x, rep, caches, pos):  # (B, C) position pos's action embedding and encoding; 2 caches (B, N, 2C)
-        """Speed-up: forward() for the one new position pos, with a key/value cache per attention layer (Attention.step)."""
-        x = self.ln1(x + self.attn1.step(x, x, caches[0], pos))
-        x = self.ln2(rep + self.attn2.step(rep, x, caches[1], pos))
         return self.ln3(x + self.mlp(x))
 
 
@@ -770,19 +753,42 @@ class Decoder(nn.Module):
             x = block(x, rep)
         return self.head(x)  # (B, L, A) action logits
 
-    def new_caches(self, batch, n_agents):
-        """Speed-up: empty key/value caches for a rollout, two (B, N, 2C) per block, one per attention layer."""
-        n_embd = self.ln.normalized_shape[0]
-        return [
-            [torch.zeros(batch, n_agents, 2 * n_embd, device=self.ln.weight.device) for _ in range(2)] for _ in self.blocks
-        ]
 
-    def step(self, prev_action, rep, caches, pos):  # (B, A+1) one-hot action of position pos-1, (B, C) encoding of pos
-        """Speed-up: forward() for the one new position pos, reusing the cached keys and values of positions < pos."""
-        x = self.ln(self.action_encoder(prev_action))  # (B, C)
-        for block, block_caches in zip(self.blocks, caches):
-            x = block.step(x, rep, block_caches, pos)
-        return self.head(x)  # (B, A) the action logits of agent sigma(pos)
+# Speed-up for the rollout: key/value-cached decoding, with the same outputs as Decoder.forward (a test compares
+# them position by position). The rollout decodes one position at a time; Decoder.forward on positions 0..k at
+# every step k would redo the earlier positions. These run position k alone and keep the keys and values of
+# positions < k in a cache: one (B, N, 2C) tensor per attention layer.
+def new_caches(decoder, batch, n_agents):
+    """Empty caches for one act() call: per decode block, one (B, N, 2C) tensor per attention layer."""
+    C = decoder.ln.normalized_shape[0]
+    return [[torch.zeros(batch, n_agents, 2 * C, device=decoder.ln.weight.device) for _ in range(2)] for _ in decoder.blocks]
+
+
+def attention_step(attn, query, key_value, cache, pos):  # (B, C) the inputs of position pos; cache (B, N, 2C)
+    """A causal Attention.forward for position pos only: it attends to positions 0..pos, whose keys and values are
+    in cache (those of pos are added here; later positions are not there yet, so no mask is needed)."""
+    B, C = query.shape
+    H = attn.n_head
+    cache[:, pos] = attn.key_value(key_value)  # (B, 2C)
+    q = attn.query(query).view(B, H, 1, C // H)  # (B, H, 1, C/H)
+    k, v = cache[:, : pos + 1].view(B, pos + 1, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, pos+1, C/H)
+    y = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, C/H)
+    return attn.proj(y.reshape(B, C))  # (B, C)
+
+
+def decode_block_step(block, x, rep, caches, pos):  # (B, C) position pos's action embedding and encoding
+    """DecodeBlock.forward for position pos only; caches: the block's two, self- and cross-attention."""
+    x = block.ln1(x + attention_step(block.attn1, x, x, caches[0], pos))
+    x = block.ln2(rep + attention_step(block.attn2, rep, x, caches[1], pos))
+    return block.ln3(x + block.mlp(x))
+
+
+def decoder_step(decoder, prev_action, rep, caches, pos):  # position pos-1's action input, (B, C) pos's encoding
+    """Decoder.forward for position pos only -> (B, A): the head's output (Gaussian mean or logits) for sigma(pos)."""
+    x = decoder.ln(decoder.action_encoder(prev_action))  # (B, C)
+    for block, block_caches in zip(decoder.blocks, caches):
+        x = decode_block_step(block, x, rep, block_caches, pos)
+    return decoder.head(x)  # (B, A)
 
 
 def active_agents(avail, dead_action):
@@ -841,14 +847,16 @@ class PMAT(nn.Module):
             # Auto-regressive decoding (eq. 6): position k sees the actions of positions < k. The plain loop is
             #     for k in range(N): out_k = self.decoder(prev[:, : k + 1], rep_sigma[:, : k + 1])[:, k]
             # (prev[:, j]: the action drawn at position j - 1; zeros or the start token at j = 0),
-            # which runs positions 0..k again at every k. Speed-up, same outputs: decoder.step runs position k alone
-            # and reads the keys and values of positions < k from a cache (Attention.step).
-            caches = self.decoder.new_caches(B, N)
+            # which runs positions 0..k again at every k. Speed-up, same outputs: decoder_step runs position k alone
+            # and reads the keys and values of positions < k from a cache (the functions after Decoder).
+            caches = new_caches(self.decoder, B, N)
             start = torch.zeros(B, dtype=torch.long, device=obs.device)
             prev_action = F.one_hot(start, self.n_actions + 1).float()  # (B, A+1), the start token at k = 0
             actions, log_probs = [], []
             for k in range(N):
-                logits = masked_logits(self.decoder.step(prev_action, rep_sigma[:, k], caches, k), avail_sigma[:, k])  # (B, A)
+                logits = masked_logits(
+                    decoder_step(self.decoder, prev_action, rep_sigma[:, k], caches, k), avail_sigma[:, k]
+                )  # (B, A)
                 log_p = logits.log_softmax(-1)  # (B, A), the categorical policy of agent sigma(k)
                 # Gumbel-max: argmax(log p + Gumbel noise) is an exact sample (the P-L sampler's trick with one pick).
                 # The mask is applied again after the noise: an infinite noise draw must not lift an unavailable action.

@@ -37,15 +37,15 @@ def test_decoder_is_causal():
 
 @pytest.mark.parametrize("n_agents", [1, 4, 10])
 def test_cached_decoder_steps_equal_the_full_pass(n_agents):
-    """Decoder.step position by position (2 blocks, 2 heads, key/value caches) gives the full causal pass's output
+    """decoder_step position by position (2 blocks, 2 heads, key/value caches) gives the full causal pass's output
     at every position, for the same teacher-forced inputs."""
     agent = perturbed_agent("pmat")
     torch.manual_seed(5)
     prev, rep = torch.randn(6, n_agents, 3), torch.randn(6, n_agents, 16)
     with torch.no_grad():
         full = agent.decoder(prev, rep)  # (B, N, A)
-        caches = agent.decoder.new_caches(6, n_agents)
-        steps = torch.stack([agent.decoder.step(prev[:, k], rep[:, k], caches, k) for k in range(n_agents)], 1)
+        caches = pm.new_caches(agent.decoder, 6, n_agents)
+        steps = torch.stack([pm.decoder_step(agent.decoder, prev[:, k], rep[:, k], caches, k) for k in range(n_agents)], 1)
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
     assert len(caches) == 2 and all(len(block_caches) == 2 for block_caches in caches)  # 2 blocks x 2 attentions
     for block, block_caches in enumerate(caches):  # every block's caches (self- and cross-attention) got every position

@@ -72,7 +72,7 @@ def test_permuting_agents_permutes_greedy_actions():
 
 @pytest.mark.parametrize("n_agents", [1, 10])
 def test_cached_decoder_steps_equal_the_full_pass(n_agents):
-    """Decoder.step position by position (2 blocks, 2 heads, key/value caches) gives the full causal pass's logits
+    """decoder_step position by position (2 blocks, 2 heads, key/value caches) gives the full causal pass's logits
     at every position, for the same one-hot inputs."""
     agent = perturbed_agent("pmat")
     torch.manual_seed(5)
@@ -80,8 +80,8 @@ def test_cached_decoder_steps_equal_the_full_pass(n_agents):
     rep = torch.randn(6, n_agents, 16)
     with torch.no_grad():
         full = agent.decoder(prev, rep)  # (B, N, A)
-        caches = agent.decoder.new_caches(6, n_agents)
-        steps = torch.stack([agent.decoder.step(prev[:, k], rep[:, k], caches, k) for k in range(n_agents)], 1)
+        caches = ps.new_caches(agent.decoder, 6, n_agents)
+        steps = torch.stack([ps.decoder_step(agent.decoder, prev[:, k], rep[:, k], caches, k) for k in range(n_agents)], 1)
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
 
 
