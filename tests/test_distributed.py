@@ -44,56 +44,17 @@ def test_update_over_two_ranks_equals_one_process_on_the_union(tmp_path):
 
 
 TINY = {
-    "pmat_mamujoco.py": [
-        "--num-envs",
-        "4",
-        "--num-steps",
-        "20",
-        "--total-timesteps",
-        "160",
-        "--num-minibatches",
-        "2",
-        "--update-epochs",
-        "2",
-        "--no-async-envs",
-        "--eval-interval",
-        "2",
-        "--eval-episodes",
-        "1",
-    ],
-    "pmat_smac.py": [
-        "--map",
-        "3m",
-        "--backend",
-        "smax",
-        "--num-envs",
-        "4",
-        "--num-steps",
-        "20",
-        "--total-timesteps",
-        "160",
-        "--update-epochs",
-        "2",
-        "--smax-max-steps",
-        "30",
-        "--eval-interval",
-        "2",
-        "--eval-episodes",
-        "2",
-    ],
-    "pmat_grf.py": [
-        "--num-envs",
-        "2",
-        "--num-steps",
-        "20",
-        "--total-timesteps",
-        "80",
-        "--update-epochs",
-        "2",
-        "--no-async-envs",
-        "--eval-interval",
-        "0",
-    ],
+    "pmat_mamujoco.py": (
+        "--num-envs 4 --num-steps 20 --total-timesteps 160 --num-minibatches 2 --update-epochs 2 --no-async-envs "
+        "--eval-interval 2 --eval-episodes 1"
+    ).split(),
+    "pmat_smac.py": (
+        "--map 3m --backend smax --num-envs 4 --num-steps 20 --total-timesteps 160 --update-epochs 2 "
+        "--smax-max-steps 30 --eval-interval 2 --eval-episodes 2"
+    ).split(),
+    "pmat_grf.py": (
+        "--num-envs 2 --num-steps 20 --total-timesteps 80 --update-epochs 2 --no-async-envs --eval-interval 0"
+    ).split(),
 }
 
 

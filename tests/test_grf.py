@@ -186,20 +186,7 @@ def test_vector_env_score_of_the_final_step(grf):
 # ---------------------------------------------------------------------------------------------------------------
 # The script
 # ---------------------------------------------------------------------------------------------------------------
-TINY = [
-    "--num-envs",
-    "2",
-    "--num-steps",
-    "64",
-    "--total-timesteps",
-    "256",
-    "--update-epochs",
-    "2",
-    "--eval-interval",
-    "2",
-    "--eval-episodes",
-    "2",
-]
+TINY = "--num-envs 2 --num-steps 64 --total-timesteps 256 --update-epochs 2 --eval-interval 2 --eval-episodes 2".split()
 GRF_TAGS = [
     "charts/episode_score",
     "charts/win_rate",

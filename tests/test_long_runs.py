@@ -20,26 +20,10 @@ import pmat_smac as ps
 
 MODULES = {"pmat_mamujoco.py": pm, "pmat_smac.py": ps, "pmat_grf.py": pg}
 # HalfCheetah 6x1, 2 sync envs x 50 steps = 100 env steps per iteration, 2 epochs x 2 mini-batches = 4 Adam steps
-RUN = [
-    "--scenario",
-    "HalfCheetah",
-    "--agent-conf",
-    "6x1",
-    "--num-envs",
-    "2",
-    "--num-steps",
-    "50",
-    "--num-minibatches",
-    "2",
-    "--update-epochs",
-    "2",
-    "--eval-interval",
-    "0",
-    "--no-async-envs",
-    "--torch-deterministic",
-    "--checkpoint-interval",
-    "1",
-]
+RUN = (
+    "--scenario HalfCheetah --agent-conf 6x1 --num-envs 2 --num-steps 50 --num-minibatches 2 --update-epochs 2 "
+    "--eval-interval 0 --no-async-envs --torch-deterministic --checkpoint-interval 1"
+).split()
 STEPS, UPDATES = 100, 4  # env steps and Adam steps per iteration of RUN
 LOSSES = ("losses/policy_loss", "losses/value_loss", "losses/ranking_loss", "losses/entropy")
 
@@ -386,24 +370,10 @@ def test_smac_resume_on_smax(tmp_path):
     """The SMAC script's own loop: one iteration, then --resume for the second; each step logged once."""
     pytest.importorskip("jaxmarl")
     run_dir = tmp_path / "smax"
-    tiny = [
-        "--map",
-        "3m",
-        "--backend",
-        "smax",
-        "--num-envs",
-        "2",
-        "--num-steps",
-        "20",
-        "--update-epochs",
-        "1",
-        "--smax-max-steps",
-        "30",
-        "--eval-interval",
-        "0",
-        "--checkpoint-interval",
-        "1",
-    ]
+    tiny = (
+        "--map 3m --backend smax --num-envs 2 --num-steps 20 --update-epochs 1 --smax-max-steps 30 --eval-interval 0 "
+        "--checkpoint-interval 1"
+    ).split()
     result = run_script("pmat_smac.py", *tiny, "--total-timesteps", "40", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_script("pmat_smac.py", "--resume", str(run_dir), "--total-timesteps", "80")

@@ -170,27 +170,10 @@ def test_vector_env_resets_after_termination_and_keeps_truncation_apart():
     envs.close()
 
 
-TINY = [
-    "--scenario",
-    "HalfCheetah",
-    "--agent-conf",
-    "6x1",
-    "--num-envs",
-    "2",
-    "--num-steps",
-    "25",
-    "--total-timesteps",
-    "100",
-    "--num-minibatches",
-    "2",
-    "--update-epochs",
-    "2",
-    "--eval-interval",
-    "2",
-    "--eval-episodes",
-    "1",
-    "--no-async-envs",
-]
+TINY = (
+    "--scenario HalfCheetah --agent-conf 6x1 --num-envs 2 --num-steps 25 --total-timesteps 100 --num-minibatches 2 "
+    "--update-epochs 2 --eval-interval 2 --eval-episodes 1 --no-async-envs"
+).split()
 DOCUMENTED_TAGS = [
     "charts/SPS",
     "charts/learning_rate",

@@ -405,26 +405,10 @@ def test_smax_observations_end_with_the_previous_action_and_the_agent_id(smax_3m
 # ---------------------------------------------------------------------------------------------------------------
 # The script, as users run it
 # ---------------------------------------------------------------------------------------------------------------
-TINY = [
-    "--map",
-    "3m",
-    "--backend",
-    "smax",
-    "--num-envs",
-    "2",
-    "--num-steps",
-    "20",
-    "--total-timesteps",
-    "80",
-    "--update-epochs",
-    "1",
-    "--smax-max-steps",
-    "30",
-    "--eval-interval",
-    "2",
-    "--eval-episodes",
-    "2",
-]
+TINY = (
+    "--map 3m --backend smax --num-envs 2 --num-steps 20 --total-timesteps 80 --update-epochs 1 --smax-max-steps 30 "
+    "--eval-interval 2 --eval-episodes 2"
+).split()
 
 
 @pytest.mark.parametrize("order", ORDERS)
