@@ -80,3 +80,19 @@ def test_a_missing_part_fails_under_ci(tmp_path, part, test):
     result = child_pytest(tmp_path, "-q", "-m", part, "-x", f"tests/{test}", ci=True)
     assert result.returncode == 1, result.stdout[-3000:]
     assert f"CI=true and optional part {part!r} is not installed" in result.stdout
+
+
+def test_ci_runs_the_readme_blocks_as_written():
+    """.ci/run takes its set-up and optional-part commands from the README's tagged blocks (so the two cannot drift):
+    the blocks hold the commands a newcomer is told to type, and .ci/run runs them, not copies of them."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from readme_commands import readme_block
+
+    setup = [line.split("#")[0].strip() for line in readme_block("setup")]
+    assert setup == ["pip install torch==2.13.0", "pip install -r requirements.txt", "python -m pytest tests -q"]
+    optional = [line.split("#")[0].strip() for line in readme_block("optional")]
+    assert "bash scripts/install_grf.sh" in optional and "pip install -r requirements-sc2.txt" in optional
+    assert optional[-1] == 'python -m pytest tests -q -m "grf or sc2 or render"'
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert "readme_commands.py setup" in ci and "readme_commands.py optional" in ci
+    assert "pytest" not in ci  # no test command of its own: only the README's
