@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: does `--cuda` work end to end? Short runs of every GPU path, about 4 minutes on one GPU.
+# The GPU check: does `--cuda` work end to end? Short runs of every GPU path, sized for about 4 minutes on one GPU
+# (not yet run on one; --cpu: 1-2.5 minutes on a busy 2-core machine).
 #
 #   bash benchmarks/gpu_check.sh           # on a machine with a CUDA GPU
 #   bash benchmarks/gpu_check.sh --cpu     # the same steps on the CPU: checks this script itself (CI, no GPU)
@@ -22,7 +23,7 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
 MODE=gpu QUICK=0 ONLY=""
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 while [ $# -gt 0 ]; do
     case $1 in
         --cpu) MODE=cpu ;;
@@ -73,7 +74,7 @@ try:
     with contextlib.redirect_stderr(io.StringIO()):
         import gfootball.env, gfootball_engine
 except Exception as e:
-        print(type(e).__name__ + (': ' + str(e).splitlines()[0] if str(e) else ''))" 2>/dev/null)
+    print(type(e).__name__ + (': ' + str(e).splitlines()[0] if str(e) else ''))" 2>/dev/null)
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 
@@ -109,7 +110,7 @@ step() {  # ID EXPECT COMMAND...: ok when COMMAND exits 0 and its output has a l
     elif ! grep -qE "$expect" "$log"; then
         record "$id" FAIL "$seconds" "exit code 0, but no line matches '$expect'"
     else
-        record "$id" ok "$seconds" "$(grep -E "$expect" "$log" | tail -1 | sed 's/ | /, /g; s/  */ /g' | cut -c1-120)"
+        record "$id" ok "$seconds" "$(grep -E "$expect" "$log" | tail -1 | sed 's/ | /, /g; s/  */ /g; s/^ //' | cut -c1-120)"
     fi
 }
 
@@ -117,11 +118,11 @@ MUJOCO=(--num-envs 2 --num-steps 20 --num-minibatches 2 --update-epochs 1 --no-a
 SMAC=(--map 3m --backend smax --num-envs 2 --num-steps 20 --update-epochs 1 --smax-max-steps 30)
 GRF=(--num-envs 2 --num-steps 20 --update-epochs 1 --no-async-envs --eval-interval 0)
 RUN=$WORK/mamujoco
-step train-mamujoco "^iter 2/2" "$PY" pmat_mamujoco.py "${DEV[@]}" "${MUJOCO[@]}" --total-timesteps 80 \
+step train-mamujoco "^  eval: " "$PY" pmat_mamujoco.py "${DEV[@]}" "${MUJOCO[@]}" --total-timesteps 80 \
     --eval-interval 2 --eval-episodes 1 --checkpoint-interval 1 --save-model --run-dir "$RUN"
 step resume-mamujoco "^iter 3/3" "$PY" pmat_mamujoco.py "${DEV[@]}" --resume "$RUN" --total-timesteps 120
 step load-mamujoco "^load ok" "$PY" benchmarks/gpu_check.py load "$RUN/pmat_mamujoco.cleanrl_model" --device "$DEVICE"
-step train-smac "^iter 2/2" "$PY" pmat_smac.py "${DEV[@]}" "${SMAC[@]}" --total-timesteps 80 --eval-interval 2 \
+step train-smac "^  eval: " "$PY" pmat_smac.py "${DEV[@]}" "${SMAC[@]}" --total-timesteps 80 --eval-interval 2 \
     --eval-episodes 1 --run-dir "$WORK/smac"
 if [ -z "$GRF_PROBLEM" ]; then
     step train-grf "^iter 2/2" "$PY" pmat_grf.py "${DEV[@]}" "${GRF[@]}" --total-timesteps 80 --run-dir "$WORK/grf"
@@ -172,7 +173,7 @@ for id in $IDS; do
     [ "$status" = FAIL ] && failed=1
     [ "$seconds" = - ] || seconds=$((seconds / 1000)).$((seconds % 1000 / 100))
     if [ "$id" = timings ] && [ "$status" = ok ]; then
-        echo "| timings | ok | $seconds | below, ms per call (best round) |"
+        echo "| timings | ok | $seconds | below: ms per call, best round, synthetic inputs of these sizes |"
         grep '^TIMING|' "$WORK/timings.log" | while IFS='|' read -r _ what cpu gpu; do
             echo "| $what | | | ${cpu/=/ }${gpu:+ · ${gpu/=/ }} |"
         done
