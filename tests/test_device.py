@@ -142,9 +142,7 @@ def test_the_training_loop_runs_on_meta(name, order):
     # The flattened batch, as the training loop builds it
     batch = {
         "obs": buffers["obs_buf"].reshape(-1, N, OBS_DIM),
-        "actions": buffers["action_buf"].reshape(-1, N, ACT[name])
-        if name == "pmat_mamujoco"
-        else buffers["action_buf"].reshape(-1, N),
+        "actions": buffers["action_buf"].reshape(-1, N, *buffers["action_buf"].shape[3:]),  # (T*E, N, A) or (T*E, N)
         "sigma": buffers["sigma_buf"].reshape(-1, N),
         "log_probs": buffers["log_prob_buf"].reshape(-1, N),
         "sigma_log_probs": buffers["sigma_log_prob_buf"].reshape(-1),
@@ -165,8 +163,9 @@ def test_the_training_loop_runs_on_meta(name, order):
     assert list(logged) == ["policy_loss", "value_loss", "ranking_loss", "entropy", "approx_kl", "clipfrac"]
 
     # The scripts' Adam(fused=True) refuses meta tensors (it accepts CPU and GPU tensors only); the unfused Adam is the
-    # same update. guarded_step runs backward, its flat-gradient check and the clip on meta, and stops at its one
-    # decision on a value, `if not torch.isfinite(...)` (a device sync on the GPU, no data on meta).
+    # same update. guarded_step runs backward, its flat-gradient check (trivial here: meta tensors have no data
+    # pointers) and the clip on meta, and stops at its one decision on a value, `if not torch.isfinite(...)` (a
+    # device sync on the GPU, no data on meta).
     optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=False)
     with pytest.raises(RuntimeError, match="cannot be called on meta tensors") as stopped:
         module.guarded_step(optimizer, flat_params, loss, args.max_grad_norm)
