@@ -589,11 +589,13 @@ def all_reduce_mean(x):
 def normalize_advantages(advantages, active=None):
     """(A - mean) / (std + 1e-5) with the mean and the (unbiased) std of every rank's advantages, so that W ranks
     normalise exactly as one process with the union of their batches; over the active entries only when given
-    (SMAC: alive agents, as MAT). advantages (T*E, N), the whole rollout; active the same shape, bool, or None."""
-    values = advantages.flatten() if active is None else advantages[active]
-    count, total = all_reduce_sum(torch.stack([torch.tensor(float(values.numel()), device=values.device), values.sum()]))
+    (SMAC: alive agents, as MAT). advantages (T*E, N), the whole rollout; active the same shape, bool, or None.
+    Weighted sums, not advantages[active]: the same statistics with no shape that depends on the data (so no device
+    sync on the GPU, and it runs on the meta device, see tests/test_device.py)."""
+    weight = torch.ones_like(advantages) if active is None else active.to(advantages.dtype)  # (T*E, N) 1: counted
+    count, total = all_reduce_sum(torch.stack([weight.sum(), (weight * advantages).sum()]))
     mean = total / count
-    std = (all_reduce_sum(((values - mean) ** 2).sum()) / (count - 1)).sqrt()
+    std = (all_reduce_sum((weight * (advantages - mean) ** 2).sum()) / (count - 1)).sqrt()
     return (advantages - mean) / (std + 1e-5)
 
 
@@ -737,6 +739,27 @@ def ppo_loss(agent, args, mb):
             "clipfrac": masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), active),
         }
     return loss, {name: value.detach() for name, value in logged.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollout storage: the training loop's buffers
+# ---------------------------------------------------------------------------------------------------------------
+def rollout_buffers(T, E, N, obs_dim, device):
+    """The training loop's rollout storage, time-major, zeros on `device` (E: this rank's envs), in this order:
+    obs (T, E, N, obs_dim), actions (T, E, N) long, log-probs (T, E, N), values (T, E, N) normalised, as the critic
+    predicts them, the decision orders sigma (T, E, N) long, log P(sigma) (T, E), rewards (T, E), dones (T, E), and
+    bootstrap (T, E, N): V(final obs) where the time limit cut an episode."""
+    return (
+        torch.zeros((T, E, N, obs_dim), device=device),  # obs_buf
+        torch.zeros((T, E, N), dtype=torch.long, device=device),  # action_buf
+        torch.zeros((T, E, N), device=device),  # log_prob_buf
+        torch.zeros((T, E, N), device=device),  # value_buf
+        torch.zeros((T, E, N), dtype=torch.long, device=device),  # sigma_buf
+        torch.zeros((T, E), device=device),  # sigma_log_prob_buf
+        torch.zeros((T, E), device=device),  # reward_buf
+        torch.zeros((T, E), device=device),  # done_buf
+        torch.zeros((T, E, N), device=device),  # bootstrap_buf
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1137,15 +1160,9 @@ if __name__ == "__main__":
 
     # Rollout storage, time-major; E: this rank's envs
     T, E, N = args.num_steps, args.num_envs // world_size, n_agents
-    obs_buf = torch.zeros((T, E, N, obs_dim), device=device)
-    action_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)
-    log_prob_buf = torch.zeros((T, E, N), device=device)
-    value_buf = torch.zeros((T, E, N), device=device)  # normalised, as the critic predicts them
-    sigma_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)  # the decision orders
-    sigma_log_prob_buf = torch.zeros((T, E), device=device)
-    reward_buf = torch.zeros((T, E), device=device)
-    done_buf = torch.zeros((T, E), device=device)
-    bootstrap_buf = torch.zeros((T, E, N), device=device)  # V(final obs) where the time limit cut an episode
+    obs_buf, action_buf, log_prob_buf, value_buf, sigma_buf, sigma_log_prob_buf, reward_buf, done_buf, bootstrap_buf = (
+        rollout_buffers(T, E, N, obs_dim, device)
+    )
 
     start_iteration, global_step = 1, 0
     if checkpoint is not None:  # last, so that nothing above draws from the restored RNG streams
