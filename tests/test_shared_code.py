@@ -44,6 +44,10 @@ SHARED = [
     "restore_checkpoint",
     "guarded_step",
     "nonfinite_error",
+    "order_scores",
+    "video_frame",
+    "save_video",
+    "load_trained",
 ]
 
 
