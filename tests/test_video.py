@@ -37,7 +37,7 @@ def decoded(path):
     import imageio
 
     with imageio.get_reader(path) as reader:
-        return np.stack(list(reader))
+        return np.stack([frame for frame in reader])  # (not list(reader): its length is unknown, inf)
 
 
 def video_frames_printed(stdout):
@@ -155,13 +155,13 @@ def test_smax_run_writes_decodable_mp4(tmp_path):
 
 
 def blocked_run(script, flags):
-    """Run `script` with the video libraries made unimportable (and MuJoCo's renderer unusable): it only passes if
-    nothing of the video machinery is touched."""
+    """Run `script` with the entry points of the video libraries (the MP4 writer, PIL's drawing, MuJoCo's renderer and
+    GL context) replaced by a function that fails: the run only passes if nothing of the video machinery is used."""
     code = (
-        "import sys, runpy\n"
-        "for name in ('imageio', 'imageio_ffmpeg', 'PIL.ImageDraw', 'PIL.ImageFont'): sys.modules[name] = None\n"
-        "import mujoco\n"
-        "mujoco.Renderer = mujoco.GLContext = None\n"
+        "import sys, runpy, imageio, mujoco, PIL.ImageDraw\n"
+        "def used(*args, **kwargs):\n"
+        "    raise RuntimeError('video machinery used without --capture-video')\n"
+        "imageio.get_writer = PIL.ImageDraw.Draw = mujoco.Renderer = mujoco.GLContext = used\n"
         f"sys.argv = [{script!r}, *{flags!r}]\n"
         f"runpy.run_path({script!r}, run_name='__main__')\n"
     )
@@ -219,11 +219,11 @@ sys.path.insert(0, "tests")
 import pmat_mamujoco as pm
 from conftest import perturbed_agent
 args = pm.Args(scenario="Hopper", agent_conf="3x1", order="rmat")
-agent = perturbed_agent(pm, "rmat", obs_dim=14, act_dim=1)
+envs = pm.make_envs(args, 1, async_envs=False)
+agent = perturbed_agent(pm, "rmat", obs_dim=envs.single_observation_space.shape[1], act_dim=1)
 torch.manual_seed(0)
 frames, fps = pm.record_episode(agent, args, "cpu", seed=7)
 torch.manual_seed(0)  # the same episode again, without rendering: count its steps
-envs = pm.make_envs(args, 1, async_envs=False)
 obs, _ = envs.reset(seed=7)
 steps, done = 0, False
 while not done:
