@@ -1035,24 +1035,28 @@ def video_frame(scene, sigma, scores, labels, title):
 
 
 def save_video(frames, fps, path, writer, global_step, track):
-    """Write frames (each (H, W, 3) uint8) to the MP4 `path` (H.264, through imageio-ffmpeg); put its middle frame in
-    tensorboard (which shows no MP4) and, with --track, the video in wandb."""
+    """Write frames (an iterable of (H, W, 3) uint8, such as record_episode's, taken one by one: ffmpeg encodes in its
+    own process meanwhile and no episode is held in memory) to the MP4 `path` (H.264, through imageio-ffmpeg); put the
+    first frame in tensorboard (which shows no MP4) and, with --track, the video in wandb. Returns the frame count."""
     import warnings
 
     import imageio
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    count = 0
     with warnings.catch_warnings():  # JAX (SMAX) warns at any fork, here ffmpeg's, which runs no Python
         warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
-        with imageio.get_writer(path, fps=fps, macro_block_size=16) as video:
+        with imageio.get_writer(path, fps=fps, macro_block_size=16, output_params=["-preset", "veryfast"]) as video:
             for frame in frames:
+                if count == 0 and writer is not None:
+                    writer.add_image("videos/eval_first_frame", frame, global_step, dataformats="HWC")
                 video.append_data(frame)
-    if writer is not None:
-        writer.add_image("videos/eval_frame", frames[len(frames) // 2], global_step, dataformats="HWC")
+                count += 1
     if track:
         import wandb
 
         wandb.log({"videos/eval": wandb.Video(path, format="mp4")})
+    return count
 
 
 def load_trained(args):
@@ -1129,13 +1133,12 @@ def draw_pitch(raw, ranks):
     return np.asarray(image)
 
 
-def record_episode(agent, args, device, seed):
-    """One episode of the evaluation policy (deterministic) in an env of its own, in this process, drawn from the
-    game's raw observation step by step -> frames (list of (H, W, 3) uint8). The torch RNG is restored afterwards
-    (rMAT draws its orders from it), so filming does not change the training that follows."""
-    envs = make_envs(args, 1, async_envs=False)
+def record_episode(agent, envs, args, device, seed):
+    """Film one episode of the evaluation policy (deterministic) in envs, a vector of one env in this process, drawn
+    from the game's raw observation step by step. Yields the frames ((H, W, 3) uint8) one by one. The torch RNG is
+    restored afterwards (rMAT draws its orders from it), so filming does not change the training that follows."""
     title = f"{args.env_name}\n{args.order}  t {{}}  {ORDER_TEXT[args.order]}"
-    frames, done = [], False
+    t, done = 0, False
     with torch.random.fork_rng():
         obs, _ = envs.reset(seed=seed)
         while not done:
@@ -1145,20 +1148,20 @@ def record_episode(agent, args, device, seed):
             sigma, a = sigma[0].tolist(), action[0].tolist()
             labels = [f"player {raw[i]['active']}: {GRF_ACTION_NAMES[x]}" for i, x in enumerate(a)]
             scene = draw_pitch(raw, np.argsort(sigma).tolist())
-            frames.append(video_frame(scene, sigma, order_scores(agent, obs_t), labels, title.format(len(frames))))
+            yield video_frame(scene, sigma, order_scores(agent, obs_t), labels, title.format(t))
             obs, _, terminated, truncated, _ = envs.step(action.cpu().numpy())
-            done = terminated[0] or truncated[0]
-    envs.close()
-    return frames
+            t, done = t + 1, terminated[0] or truncated[0]
 
 
 def record_video(agent, args, device, run_dir, global_step, writer):
     """--capture-video, at an evaluation: film one episode into {run_dir}/videos/eval_{global_step}.mp4 (eval_final.mp4
     for a --save-model file, global_step None)."""
     start, path = time.time(), os.path.join(run_dir, "videos", f"eval_{'final' if global_step is None else global_step}.mp4")
-    frames = record_episode(agent, args, device, seed=args.seed + 20_000 + (global_step or 0))
-    save_video(frames, 10, path, writer, global_step or 0, args.track)  # 10 fps: gfootball's 10 steps per game second
-    print(f"  video: {path} ({len(frames)} frames, {time.time() - start:.1f} s)", flush=True)
+    envs = make_envs(args, 1, async_envs=False)  # the film's own game, in this process
+    frames = record_episode(agent, envs, args, device, seed=args.seed + 20_000 + (global_step or 0))
+    count = save_video(frames, 10, path, writer, global_step or 0, args.track)  # 10 fps: 10 steps per game second
+    envs.close()
+    print(f"  video: {path} ({count} frames, {time.time() - start:.1f} s)", flush=True)
 
 
 def eval_only(args):

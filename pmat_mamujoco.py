@@ -1004,24 +1004,28 @@ def video_frame(scene, sigma, scores, labels, title):
 
 
 def save_video(frames, fps, path, writer, global_step, track):
-    """Write frames (each (H, W, 3) uint8) to the MP4 `path` (H.264, through imageio-ffmpeg); put its middle frame in
-    tensorboard (which shows no MP4) and, with --track, the video in wandb."""
+    """Write frames (an iterable of (H, W, 3) uint8, such as record_episode's, taken one by one: ffmpeg encodes in its
+    own process meanwhile and no episode is held in memory) to the MP4 `path` (H.264, through imageio-ffmpeg); put the
+    first frame in tensorboard (which shows no MP4) and, with --track, the video in wandb. Returns the frame count."""
     import warnings
 
     import imageio
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    count = 0
     with warnings.catch_warnings():  # JAX (SMAX) warns at any fork, here ffmpeg's, which runs no Python
         warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
-        with imageio.get_writer(path, fps=fps, macro_block_size=16) as video:
+        with imageio.get_writer(path, fps=fps, macro_block_size=16, output_params=["-preset", "veryfast"]) as video:
             for frame in frames:
+                if count == 0 and writer is not None:
+                    writer.add_image("videos/eval_first_frame", frame, global_step, dataformats="HWC")
                 video.append_data(frame)
-    if writer is not None:
-        writer.add_image("videos/eval_frame", frames[len(frames) // 2], global_step, dataformats="HWC")
+                count += 1
     if track:
         import wandb
 
         wandb.log({"videos/eval": wandb.Video(path, format="mp4")})
+    return count
 
 
 def load_trained(args):
@@ -1075,14 +1079,13 @@ def check_video(args):
         )
 
 
-def record_episode(agent, args, device, seed):
-    """One episode of the evaluation policy (deterministic) in an env of its own, in this process, filmed with
+def record_episode(agent, envs, args, device, seed):
+    """Film one episode of the evaluation policy (deterministic) in envs, a vector of one env in this process, with
     MuJoCo's renderer; each agent's limbs (the bodies its joints move) take its rank's colour in the step's order.
-    -> frames (list of (H, W, 3) uint8), frames per second. The torch RNG is restored afterwards (rMAT draws its
-    orders from it), so filming does not change the training that follows."""
+    Yields the frames ((H, W, 3) uint8) one by one. The torch RNG is restored afterwards (rMAT draws its orders from
+    it), so filming does not change the training that follows."""
     import mujoco
 
-    envs = make_envs(args, 1, async_envs=False)
     env = envs.envs[0].env  # the mamujoco_v1 env
     robot = env.single_agent_env.unwrapped  # gymnasium's MuJoCo env: model, data, dt
     model, partitions = robot.model, env.agent_action_partitions
@@ -1093,8 +1096,8 @@ def record_episode(agent, args, device, seed):
     camera = mujoco.MjvCamera()  # follows the robot's torso (body 1)
     camera.type, camera.trackbodyid, camera.distance, camera.elevation = mujoco.mjtCamera.mjCAMERA_TRACKING, 1, 4.0, -25
     title = f"{args.scenario} {args.agent_conf}  {args.order}  t {{}}\n{ORDER_TEXT[args.order]}"
-    frames, done = [], False
-    with torch.random.fork_rng():
+    t, done = 0, False
+    with torch.random.fork_rng(), contextlib.closing(renderer):
         obs, _ = envs.reset(seed=seed)
         while not done:
             obs_t = torch.as_tensor(obs, device=device)
@@ -1108,21 +1111,21 @@ def record_episode(agent, args, device, seed):
             labels = [
                 f"{i}: " + ", ".join(f"{n.label} {x:+.2f}" for n, x in zip(part, a[i])) for i, part in enumerate(partitions)
             ]
-            frames.append(video_frame(renderer.render(), sigma, order_scores(agent, obs_t), labels, title.format(len(frames))))
+            yield video_frame(renderer.render(), sigma, order_scores(agent, obs_t), labels, title.format(t))
             obs, _, terminated, truncated, _ = envs.step(action.cpu().numpy())
-            done = terminated[0] or truncated[0]
-    renderer.close()
-    envs.close()
-    return frames, round(1 / robot.dt)
+            t, done = t + 1, terminated[0] or truncated[0]
 
 
 def record_video(agent, args, device, run_dir, global_step, writer):
     """--capture-video: film one episode into {run_dir}/videos/eval_{global_step}.mp4 (eval_final.mp4 for a
     --save-model file, global_step None)."""
     start, path = time.time(), os.path.join(run_dir, "videos", f"eval_{'final' if global_step is None else global_step}.mp4")
-    frames, fps = record_episode(agent, args, device, seed=args.seed + 20_000 + (global_step or 0))
-    save_video(frames, fps, path, writer, global_step or 0, args.track)
-    print(f"  video: {path} ({len(frames)} frames, {time.time() - start:.1f} s)", flush=True)
+    envs = make_envs(args, 1, async_envs=False)  # the film's own env, in this process
+    fps = round(1 / envs.envs[0].env.single_agent_env.unwrapped.dt)  # real time
+    frames = record_episode(agent, envs, args, device, seed=args.seed + 20_000 + (global_step or 0))
+    count = save_video(frames, fps, path, writer, global_step or 0, args.track)
+    envs.close()
+    print(f"  video: {path} ({count} frames, {time.time() - start:.1f} s)", flush=True)
 
 
 def eval_only(args):

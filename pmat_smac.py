@@ -1380,24 +1380,28 @@ def video_frame(scene, sigma, scores, labels, title):
 
 
 def save_video(frames, fps, path, writer, global_step, track):
-    """Write frames (each (H, W, 3) uint8) to the MP4 `path` (H.264, through imageio-ffmpeg); put its middle frame in
-    tensorboard (which shows no MP4) and, with --track, the video in wandb."""
+    """Write frames (an iterable of (H, W, 3) uint8, such as record_episode's, taken one by one: ffmpeg encodes in its
+    own process meanwhile and no episode is held in memory) to the MP4 `path` (H.264, through imageio-ffmpeg); put the
+    first frame in tensorboard (which shows no MP4) and, with --track, the video in wandb. Returns the frame count."""
     import warnings
 
     import imageio
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    count = 0
     with warnings.catch_warnings():  # JAX (SMAX) warns at any fork, here ffmpeg's, which runs no Python
         warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
-        with imageio.get_writer(path, fps=fps, macro_block_size=16) as video:
+        with imageio.get_writer(path, fps=fps, macro_block_size=16, output_params=["-preset", "veryfast"]) as video:
             for frame in frames:
+                if count == 0 and writer is not None:
+                    writer.add_image("videos/eval_first_frame", frame, global_step, dataformats="HWC")
                 video.append_data(frame)
-    if writer is not None:
-        writer.add_image("videos/eval_frame", frames[len(frames) // 2], global_step, dataformats="HWC")
+                count += 1
     if track:
         import wandb
 
         wandb.log({"videos/eval": wandb.Video(path, format="mp4")})
+    return count
 
 
 def load_trained(args):
@@ -1448,7 +1452,7 @@ def battle_units(envs, args):
         import jax
 
         env = smax_functions(args.map, args.smax_max_steps)[0]  # the compiled SMAX env of this map (cached)
-        s = jax.device_get(jax.tree.map(lambda x: x[0], envs.states.state))
+        s = jax.tree.map(lambda x: x[0], jax.device_get(envs.states.state))  # to numpy, then env 0 (no JAX op to compile)
         n, moves = env.num_allies, env.num_movement_actions
         attack = np.asarray(s.prev_attack_actions[n:])  # an enemy's attack action a >= moves hits ally n - 1 - (a - moves)
         return {
@@ -1501,12 +1505,12 @@ def draw_battle(units, targets, ranks):
 
 
 def record_episode(agent, envs, args, backend, device):
-    """One battle of the evaluation policy (deterministic) in env 0 of envs (every env steps along), drawn from the
-    battle's state step by step -> frames (list of (H, W, 3) uint8). The torch RNG (rMAT's orders) and SMAX's env
-    keys are restored afterwards, so filming does not change the training that follows."""
+    """Film one battle of the evaluation policy (deterministic) in env 0 of envs (every env steps along), drawn from
+    the battle's state step by step. Yields the frames ((H, W, 3) uint8) one by one. The torch RNG (rMAT's orders)
+    and SMAX's env keys are restored afterwards, so filming does not change the training that follows."""
     moves = MOVE_NAMES[backend]
     title = f"{args.map} ({backend})  {args.order}  t {{}}\n{ORDER_TEXT[args.order]}"
-    keys, frames, done = getattr(envs, "keys", None), [], False
+    keys, t, done = getattr(envs, "keys", None), 0, False
     with torch.random.fork_rng():
         obs, avail = envs.reset()
         while not done:
@@ -1523,12 +1527,11 @@ def record_episode(agent, envs, args, backend, device):
                 for i, x in enumerate(a)
             ]
             scene = draw_battle(units, targets, np.argsort(sigma).tolist())
-            frames.append(video_frame(scene, sigma, order_scores(agent, obs_t[:1]), labels, title.format(len(frames))))
+            yield video_frame(scene, sigma, order_scores(agent, obs_t[:1]), labels, title.format(t))
             obs, avail, _, done, _ = envs.step(action.cpu().numpy())
-            done = done[0]
+            t, done = t + 1, done[0]
     if keys is not None:
         envs.keys = keys
-    return frames
 
 
 def record_video(agent, envs, args, backend, device, run_dir, global_step, writer):
@@ -1536,8 +1539,8 @@ def record_video(agent, envs, args, backend, device, run_dir, global_step, write
     for a --save-model file, global_step None)."""
     start, path = time.time(), os.path.join(run_dir, "videos", f"eval_{'final' if global_step is None else global_step}.mp4")
     frames = record_episode(agent, envs, args, backend, device)
-    save_video(frames, 8, path, writer, global_step or 0, args.track)  # 8 fps: a SMAC step is 8 game frames, ~0.36 s
-    print(f"  video: {path} ({len(frames)} frames, {time.time() - start:.1f} s)", flush=True)
+    count = save_video(frames, 8, path, writer, global_step or 0, args.track)  # 8 fps: a step is 8 game frames, ~0.36 s
+    print(f"  video: {path} ({count} frames, {time.time() - start:.1f} s)", flush=True)
 
 
 def eval_only(args):

@@ -28,9 +28,9 @@ def test_film_has_one_frame_per_step_and_marks_the_controlled_players(grf):
     args = pg.Args(order="pmat")
     args.num_agents = pg.check_env_args(args.env_name, args.num_agents, args.rewards)
     agent = perturbed_agent(pg, "pmat", obs_dim=pg.OBS_DIM, act_dim=pg.GRF_NUM_ACTIONS)
-    frames = pg.record_episode(agent, args, "cpu", seed=5)
-    envs = pg.make_envs(args, 1, async_envs=False)  # the same episode again (PMAT's evaluation is deterministic)
-    obs, _ = envs.reset(seed=5)
+    envs = pg.make_envs(args, 1, async_envs=False)
+    frames = list(pg.record_episode(agent, envs, args, "cpu", seed=5))
+    obs, _ = envs.reset(seed=5)  # the same episode again (PMAT's evaluation is deterministic)
     raws, done = [], False
     while not done:
         raws.append(envs.envs[0].env.unwrapped.observation())

@@ -45,7 +45,7 @@ def test_sc2_units_and_film_of_env_0s_battle(sc2):
             return out
 
         envs.step = counting_step
-        frames = ps.record_episode(agent, envs, ps.Args(map="3m"), "sc2", "cpu")
+        frames = list(ps.record_episode(agent, envs, ps.Args(map="3m"), "sc2", "cpu"))
         assert len(frames) == len(steps) == steps.index(True) + 1 > 1
         assert all(f.shape == (320, 544, 3) for f in frames)
         assert not np.array_equal(frames[0], frames[-1])
