@@ -1068,9 +1068,9 @@ def check_video(args):
     except ImportError:
         sys.exit("error: --capture-video needs imageio and imageio-ffmpeg: pip install imageio imageio-ffmpeg")
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo draws through EGL; read when mujoco is imported
-    import mujoco
-
     try:
+        import mujoco  # with a GL library missing, the import itself can fail
+
         mujoco.GLContext(16, 16).free()
     except Exception as e:
         sys.exit(

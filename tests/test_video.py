@@ -268,3 +268,13 @@ def test_bad_video_flags_are_one_line(tmp_path, flags, message):
     result = run_script("pmat_mamujoco.py", *[f.format(tmp=tmp_path) for f in flags])
     assert result.returncode != 0 and message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_mujoco_renderer_that_cannot_start_is_one_line():
+    env = {**os.environ, "MUJOCO_GL": "no-such-backend"}  # mujoco refuses it at import
+    result = subprocess.run(
+        [sys.executable, "pmat_mamujoco.py", "--capture-video"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --capture-video: MuJoCo cannot render headless with MUJOCO_GL=no-such-backend")
+    assert "apt-get install libegl1 libopengl0 libgl1-mesa-dri" in result.stderr
