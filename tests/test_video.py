@@ -159,6 +159,11 @@ def test_smax_run_writes_decodable_mp4(tmp_path):
     (count,) = video_frames_printed(result.stdout)
     frames = decoded(os.path.join(run_dir, "videos", "eval_20.mp4"))
     assert frames.shape == (count, 320, 544, 3) and 1 < count <= 20
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"images": 0})
+    events.Reload()  # tensorboard shows no MP4: the film's first frame is there as an image
+    assert [(e.step, e.width, e.height) for e in events.Images("videos/eval_first_frame")] == [(20, 544, 320)]
 
 
 def blocked_run(script, flags):
