@@ -4,10 +4,10 @@
     python benchmarks/video_cost.py --benchmark smac --config 2s3z
     python benchmarks/video_cost.py --benchmark grf --config academy_3_vs_1_with_keeper
 
-For the same episode (same seed; the evaluation policy is deterministic for PMAT) it times: the episode played
-without any drawing (policy + env steps: what any evaluation episode costs), the episode filmed by the script's
-record_episode (the same, plus the scene, the order panel and, for MuJoCo, the renderer), and writing the MP4
-(save_video). Prints frames, seconds and the added milliseconds per frame.
+It plays the episode the script's record_video films twice (same seed; PMAT's evaluation policy is deterministic):
+once without any drawing (its env built for MuJoCo and GRF, then policy and env steps: what any evaluation episode
+costs), then through record_video (the same plus the scene, the order panel, MuJoCo's renderer and writing the MP4).
+Prints both times and the difference per episode and per frame (results: docs/video.md).
 """
 
 import os

@@ -151,7 +151,7 @@ def test_smax_film_has_one_frame_per_step_of_env_0s_battle():
     assert np.array_equal(np.array(envs.keys), keys)  # the battles after filming are those without it
 
 
-def test_smax_run_writes_decodable_mp4(tmp_path):
+def test_smax_run_and_eval_only_write_decodable_mp4s(tmp_path):
     run_dir = str(tmp_path / "run")
     result = run_script("pmat_smac.py", *SMAX_TINY, "--capture-video", "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -164,6 +164,12 @@ def test_smax_run_writes_decodable_mp4(tmp_path):
     events = EventAccumulator(run_dir, size_guidance={"images": 0})
     events.Reload()  # tensorboard shows no MP4: the film's first frame is there as an image
     assert [(e.step, e.width, e.height) for e in events.Images("videos/eval_first_frame")] == [(20, 544, 320)]
+    # --eval-only films the run from its checkpoint (into the same name: the checkpoint is of step 20)
+    result = run_script("pmat_smac.py", "--eval-only", "--resume", run_dir, "--capture-video", "--eval-episodes", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval: win rate" in result.stdout and "iter" not in result.stdout
+    (count,) = video_frames_printed(result.stdout)
+    assert decoded(os.path.join(run_dir, "videos", "eval_20.mp4")).shape == (count, 320, 544, 3)
 
 
 def blocked_run(script, flags):
