@@ -75,6 +75,12 @@ class Args:
     resume: Optional[str] = None
     """RUN_DIR or checkpoint file to continue from: its remaining iterations, in its folder, with its flags unless
     given again (the env, order, network and seed must stay; see README, Long runs)"""
+    capture_video: bool = False
+    """if toggled, film one episode of the evaluation policy at each evaluation into `{run_dir}/videos/eval_{step}.mp4`,
+    each agent's rank in the step's decision order drawn on it (needs imageio-ffmpeg; README, Videos)"""
+    eval_only: bool = False
+    """if toggled, train nothing: evaluate the policy of --resume RUN (a run folder, checkpoint or --save-model file);
+    with --capture-video, film it into RUN/videos"""
 
     # Environment
     env_name: str = "academy_3_vs_1_with_keeper"
@@ -1009,8 +1015,8 @@ def nonfinite_error(skipped, checkpoint_path):
 
 
 # One seeding scheme for every random stream of a run (orders, actions, shuffles, each env of each rank, rebuilt games,
-# resumed runs). Index 0-3 of the key: which kind of stream it is.
-STREAMS = ("process", "env", "eval_env", "game")
+# resumed runs, filmed episodes). The first entry of the key: which kind of stream it is.
+STREAMS = ("process", "env", "eval_env", "game", "video")
 
 
 def stream_seed(seed, stream, rank=0, index=0, restart=0, start_step=0):
@@ -1050,14 +1056,217 @@ def check_run_dir(run_dir, rank, device):
         )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Videos: --capture-video films an episode of the evaluation policy, each agent's rank in the step's decision order
+# drawn on the frame; --eval-only --resume RUN evaluates (and films) a trained run without training. Nothing here is
+# imported or built without these flags (measured: docs/video.md).
+# ---------------------------------------------------------------------------------------------------------------
+RANK_COLORS = [(230, 25, 75), (245, 130, 48), (255, 225, 25), (60, 180, 75), (70, 240, 240), (0, 130, 200)]
+RANK_COLORS += [(145, 30, 180), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # rank 1, 2, ..., then again
+ORDER_TEXT = {"pmat": "order: P-L scores v, sorted", "mat": "order: fixed, agent index", "rmat": "order: uniformly random"}
+PANEL_WIDTH, LINE_HEIGHT = 224, 13  # the order panel on the right of each frame
+
+
+def order_scores(agent, obs):
+    """The P-L scores v_i = exp(z_i) in [1, 10] (eq. 11) of one env's agents, obs (1, N, obs_dim) -> (N,); None for
+    MAT and rMAT, which have none."""
+    if agent.order_mode != "pmat":
+        return None
+    with torch.no_grad():
+        return agent.order_log_weights(agent.encoder(obs)[0])[0].exp().cpu().numpy()
+
+
+def video_frame(scene, sigma, scores, labels, title):
+    """One frame: the scene (H, W, 3) uint8 and, on its right, this step's decision order: per position k, the rank
+    k + 1, agent sigma[k]'s P-L score (PMAT) and label (labels[i]: agent i and its action), in the rank's colour.
+    Padded to multiples of 16 pixels, the video encoder's blocks."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = -(-scene.shape[0] // 16) * 16, -(-(scene.shape[1] + PANEL_WIDTH) // 16) * 16
+    image = Image.new("RGB", (width, height), (32, 32, 32))
+    image.paste(Image.fromarray(scene), (0, 0))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=11)
+    x, y = scene.shape[1] + 6, 3
+    for line in [*title.split("\n"), "rank. " + ("" if scores is None else "score v  ") + "agent: action"]:
+        draw.text((x, y), line, fill=(255, 255, 255), font=font)
+        y += LINE_HEIGHT
+    for k, i in enumerate(sigma):
+        if y + 2 * LINE_HEIGHT > height and k < len(sigma) - 1:  # no room for the rest: say how many
+            draw.text((x, y), f"... {len(sigma) - k} more", fill=(255, 255, 255), font=font)
+            break
+        score = "" if scores is None else f"{scores[i]:4.2f}  "
+        draw.text((x, y), f"{k + 1:>2}. {score}{labels[i]}", fill=RANK_COLORS[k % len(RANK_COLORS)], font=font)
+        y += LINE_HEIGHT
+    return np.asarray(image)
+
+
+def save_video(frames, fps, path, writer, global_step, track):
+    """Write frames (an iterable of (H, W, 3) uint8, such as record_episode's, taken one by one: ffmpeg encodes in its
+    own process meanwhile and no episode is held in memory) to the MP4 `path` (H.264, through imageio-ffmpeg); put the
+    first frame in tensorboard (which shows no MP4) and, with --track, the video in wandb. Returns the frame count."""
+    import warnings
+
+    import imageio
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    count = 0
+    with warnings.catch_warnings():  # JAX (SMAX) warns at any fork, here ffmpeg's, which runs no Python
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+        with imageio.get_writer(path, fps=fps, macro_block_size=16, output_params=["-preset", "veryfast"]) as video:
+            for frame in frames:
+                if count == 0 and writer is not None:
+                    writer.add_image("videos/eval_first_frame", frame, global_step, dataformats="HWC")
+                video.append_data(frame)
+                count += 1
+    if track:
+        import wandb
+
+        wandb.log({"videos/eval": wandb.Video(path, format="mp4")})
+    return count
+
+
+def load_trained(args):
+    """--eval-only --resume RUN -> (the trained agent, the run's flags with this command line's on top, the folder to
+    film into, the run's env steps, None for a --save-model file). RUN: a run folder (its newest whole checkpoint,
+    else its --save-model file), a checkpoint file or a --save-model file. Exits with one line when there is none."""
+    path = args.resume
+    if path is None:
+        sys.exit("error: --eval-only needs --resume RUN (a run folder, its checkpoint.pt or a --save-model file)")
+    if not os.path.exists(path):
+        sys.exit(f"error: --resume {path}: no such file or folder")
+    if os.path.isdir(path):
+        models = sorted(name for name in os.listdir(path) if name.endswith(".cleanrl_model"))
+        if models and not any(os.path.exists(os.path.join(path, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
+            path = os.path.join(path, models[0])
+        else:
+            path = load_checkpoint(path)[1]  # exits with one line when the folder holds no whole checkpoint
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        agent, saved = load_agent(path)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        sys.exit(f"error: --resume {path} is not a checkpoint or --save-model file of {os.path.basename(__file__)} ({reason})")
+    names = [field.name for field in fields(Args)]
+    given = tyro.cli(Args, default=Args(**{name: value for name, value in saved.items() if name in names}))
+    return agent, given, os.path.dirname(os.path.abspath(path)), state.get("global_step")
+
+
+VIDEO_SIZE = (416, 192)  # the pitch, width x height in pixels
+GRF_ACTION_NAMES = ["idle", "left", "top_left", "top", "top_right", "right", "bottom_right", "bottom", "bottom_left"]
+GRF_ACTION_NAMES += ["long_pass", "high_pass", "short_pass", "shot", "sprint", "release_direction", "release_sprint"]
+GRF_ACTION_NAMES += ["sliding", "dribble", "release_dribble"]  # gfootball's default action set, in its order
+
+
+def check_video(args):
+    """--capture-video: exit with one line, before anything is built, when it cannot work here."""
+    if not args.eval_only and args.eval_interval == 0:
+        sys.exit("error: --capture-video films the evaluations, but --eval-interval is 0 (none): give --eval-interval N")
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        sys.exit("error: --capture-video needs imageio and imageio-ffmpeg: pip install imageio imageio-ffmpeg")
+
+
+def draw_pitch(raw, ranks):
+    """Top-down pitch from gfootball's raw observation (x in [-1, 1] to the right, y in [-0.42, 0.42] downwards):
+    the left team blue, the right team red, the ball white (larger when in the air); each controlled player ringed and
+    numbered in the colour of its agent's rank in this step's order. raw: the list of the N controlled players'
+    observations (raw[i]["active"]: the player agent i drives); ranks (N,): 0 = first."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    (width, height), line = VIDEO_SIZE, (235, 235, 235)
+    scale = (width - 16) / 2
+    px = lambda x, y: (width / 2 + x * scale, height / 2 + y * scale)  # noqa: E731
+    image = Image.new("RGB", VIDEO_SIZE, (50, 130, 60))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=12)
+    draw.rectangle([px(-1, -0.42), px(1, 0.42)], outline=line, width=1)
+    draw.line([px(0, -0.42), px(0, 0.42)], fill=line)
+    draw.ellipse([px(-0.09, -0.09), px(0.09, 0.09)], outline=line)
+    for side in (-1, 1):  # penalty boxes and goals
+        draw.rectangle([px(min(side, side * 0.82), -0.24), px(max(side, side * 0.82), 0.24)], outline=line)
+        draw.rectangle([px(min(side, side * 1.03), -0.044), px(max(side, side * 1.03), 0.044)], fill=line)
+    obs = raw[0]
+    for team, color in (("left_team", (40, 90, 220)), ("right_team", (210, 40, 40))):
+        for x, y in obs[team]:
+            draw.ellipse([*(np.array(px(x, y)) - 4), *(np.array(px(x, y)) + 4)], fill=color)
+    for i, rank in enumerate(ranks):
+        (x, y), color = px(*obs["left_team"][raw[i]["active"]]), RANK_COLORS[rank % len(RANK_COLORS)]
+        draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline=color, width=2)
+        draw.text((x + 6, y - 18), str(rank + 1), fill=color, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+    (x, y), r = px(*obs["ball"][:2]), 3 + min(4.0, 20 * float(obs["ball"][2]))  # z: the ball's height
+    draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 255, 255), outline=(0, 0, 0))
+    return np.asarray(image)
+
+
+def record_episode(agent, envs, args, device, seed):
+    """Film one episode of the evaluation policy (deterministic) in envs, a vector of one env in this process, drawn
+    from the game's raw observation step by step. Yields the frames ((H, W, 3) uint8) one by one. The torch RNG is
+    restored afterwards (rMAT draws its orders from it), so filming does not change the training that follows."""
+    title = f"{args.env_name}\n{args.order}  t {{}}  {ORDER_TEXT[args.order]}"
+    t, done = 0, False
+    with torch.random.fork_rng():
+        obs, _ = envs.reset(seed=seed)
+        while not done:
+            obs_t = torch.as_tensor(obs, device=device)
+            action, _, _, sigma, _ = agent.act(obs_t, deterministic=True)
+            raw = envs.envs[0].env.unwrapped.observation()  # gfootball's raw observation of each controlled player
+            sigma, a = sigma[0].tolist(), action[0].tolist()
+            labels = [f"player {raw[i]['active']}: {GRF_ACTION_NAMES[x]}" for i, x in enumerate(a)]
+            scene = draw_pitch(raw, np.argsort(sigma).tolist())
+            yield video_frame(scene, sigma, order_scores(agent, obs_t), labels, title.format(t))
+            obs, _, terminated, truncated, _ = envs.step(action.cpu().numpy())
+            t, done = t + 1, terminated[0] or truncated[0]
+
+
+def record_video(agent, args, device, run_dir, global_step, writer):
+    """--capture-video, at an evaluation: film one episode into {run_dir}/videos/eval_{global_step}.mp4 (eval_final.mp4
+    for a --save-model file, global_step None)."""
+    start, path = time.time(), os.path.join(run_dir, "videos", f"eval_{'final' if global_step is None else global_step}.mp4")
+    envs = make_envs(args, 1, async_envs=False)  # the film's own game, in this process
+    frames = record_episode(agent, envs, args, device, seed=stream_seed(args.seed, "video", 0, 0, 0, global_step or 0))
+    count = save_video(frames, 10, path, writer, global_step or 0, args.track)  # 10 fps: 10 steps per game second
+    envs.close()
+    print(f"  video: {path} ({count} frames, {time.time() - start:.1f} s)", flush=True)
+
+
+def eval_only(args):
+    """--eval-only --resume RUN: evaluate RUN's trained policy on fresh episodes and print the result; with
+    --capture-video also film one episode into RUN/videos. No training, nothing else written."""
+    agent, args, run_dir, global_step = load_trained(args)
+    args.track = False  # nothing is logged
+    check_args(args)
+    if args.capture_video:
+        check_video(args)
+    args.num_agents = check_env_args(args.env_name, args.num_agents, args.rewards)
+    _, _, device = setup_distributed(args.cuda)
+    agent.to(device)
+    seed_process(stream_seed(args.seed, "process", start_step=global_step or 0))  # the evaluation's own streams
+    envs = make_envs(args, min(args.num_envs, args.eval_episodes), args.async_envs and args.num_envs > 1)
+    envs.reset(seed=[stream_seed(args.seed, "eval_env", 0, e, 0, global_step or 0) for e in range(envs.num_envs)])
+    scores, returns = evaluate_policy(agent, envs, args.eval_episodes, device)
+    envs.close()
+    print(
+        f"eval: score {np.mean(scores):.3f}, win rate {np.mean(np.array(scores) > 0):.3f}, return {np.mean(returns):.2f} "
+        f"over {len(scores)} episodes",
+        flush=True,
+    )
+    if args.capture_video:
+        record_video(agent, args, device, run_dir, global_step, None)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.eval_only:  # no training: evaluate (and film) a trained run
+        sys.exit(eval_only(args))
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
     if args.resume:  # the flags that define the run must stay as the checkpoint has them
         args, checkpoint, checkpoint_path = resume_args(
             args, ("env_name", "num_agents", "representation", "rewards", "order", "n_block", "n_embd", "n_head", "seed")
         )
     check_args(args)
+    if args.capture_video:
+        check_video(args)
     args.num_agents = check_env_args(args.env_name, args.num_agents, args.rewards)
     # torchrun: --num-envs is the total; each of the W ranks runs num_envs / W envs and updates on its own share
     rank, world_size, device = setup_distributed(args.cuda)
@@ -1297,6 +1506,8 @@ if __name__ == "__main__":
             writer.add_scalar("charts/win_rate", np.mean(np.array(finished_scores) > 0), global_step)  # episodes with a goal
         if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
             eval_scores, eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
+            if args.capture_video:  # one more episode of the evaluation policy, filmed (README, Videos)
+                record_video(agent, args, device, run_dir, global_step, writer)
             writer.add_scalar("eval/episode_score", np.mean(eval_scores), global_step)
             writer.add_scalar("eval/win_rate", np.mean(np.array(eval_scores) > 0), global_step)
             writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)

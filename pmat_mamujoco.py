@@ -68,6 +68,12 @@ class Args:
     resume: Optional[str] = None
     """RUN_DIR or checkpoint file to continue from: its remaining iterations, in its folder, with its flags unless
     given again (the env, order, network and seed must stay; see README, Long runs)"""
+    capture_video: bool = False
+    """if toggled, film one episode of the evaluation policy at each evaluation into `{run_dir}/videos/eval_{step}.mp4`,
+    each agent's rank in the step's decision order drawn on it (needs imageio-ffmpeg; README, Videos)"""
+    eval_only: bool = False
+    """if toggled, train nothing: evaluate the policy of --resume RUN (a run folder, checkpoint or --save-model file);
+    with --capture-video, film it into RUN/videos"""
 
     # Environment
     scenario: str = "Ant"
@@ -978,8 +984,8 @@ def nonfinite_error(skipped, checkpoint_path):
 
 
 # One seeding scheme for every random stream of a run (orders, actions, shuffles, each env of each rank, rebuilt games,
-# resumed runs). Index 0-3 of the key: which kind of stream it is.
-STREAMS = ("process", "env", "eval_env", "game")
+# resumed runs, filmed episodes). The first entry of the key: which kind of stream it is.
+STREAMS = ("process", "env", "eval_env", "game", "video")
 
 
 def stream_seed(seed, stream, rank=0, index=0, restart=0, start_step=0):
@@ -1019,14 +1025,208 @@ def check_run_dir(run_dir, rank, device):
         )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Videos: --capture-video films an episode of the evaluation policy, each agent's rank in the step's decision order
+# drawn on the frame; --eval-only --resume RUN evaluates (and films) a trained run without training. Nothing here is
+# imported or built without these flags (measured: docs/video.md).
+# ---------------------------------------------------------------------------------------------------------------
+RANK_COLORS = [(230, 25, 75), (245, 130, 48), (255, 225, 25), (60, 180, 75), (70, 240, 240), (0, 130, 200)]
+RANK_COLORS += [(145, 30, 180), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # rank 1, 2, ..., then again
+ORDER_TEXT = {"pmat": "order: P-L scores v, sorted", "mat": "order: fixed, agent index", "rmat": "order: uniformly random"}
+PANEL_WIDTH, LINE_HEIGHT = 224, 13  # the order panel on the right of each frame
+
+
+def order_scores(agent, obs):
+    """The P-L scores v_i = exp(z_i) in [1, 10] (eq. 11) of one env's agents, obs (1, N, obs_dim) -> (N,); None for
+    MAT and rMAT, which have none."""
+    if agent.order_mode != "pmat":
+        return None
+    with torch.no_grad():
+        return agent.order_log_weights(agent.encoder(obs)[0])[0].exp().cpu().numpy()
+
+
+def video_frame(scene, sigma, scores, labels, title):
+    """One frame: the scene (H, W, 3) uint8 and, on its right, this step's decision order: per position k, the rank
+    k + 1, agent sigma[k]'s P-L score (PMAT) and label (labels[i]: agent i and its action), in the rank's colour.
+    Padded to multiples of 16 pixels, the video encoder's blocks."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = -(-scene.shape[0] // 16) * 16, -(-(scene.shape[1] + PANEL_WIDTH) // 16) * 16
+    image = Image.new("RGB", (width, height), (32, 32, 32))
+    image.paste(Image.fromarray(scene), (0, 0))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=11)
+    x, y = scene.shape[1] + 6, 3
+    for line in [*title.split("\n"), "rank. " + ("" if scores is None else "score v  ") + "agent: action"]:
+        draw.text((x, y), line, fill=(255, 255, 255), font=font)
+        y += LINE_HEIGHT
+    for k, i in enumerate(sigma):
+        if y + 2 * LINE_HEIGHT > height and k < len(sigma) - 1:  # no room for the rest: say how many
+            draw.text((x, y), f"... {len(sigma) - k} more", fill=(255, 255, 255), font=font)
+            break
+        score = "" if scores is None else f"{scores[i]:4.2f}  "
+        draw.text((x, y), f"{k + 1:>2}. {score}{labels[i]}", fill=RANK_COLORS[k % len(RANK_COLORS)], font=font)
+        y += LINE_HEIGHT
+    return np.asarray(image)
+
+
+def save_video(frames, fps, path, writer, global_step, track):
+    """Write frames (an iterable of (H, W, 3) uint8, such as record_episode's, taken one by one: ffmpeg encodes in its
+    own process meanwhile and no episode is held in memory) to the MP4 `path` (H.264, through imageio-ffmpeg); put the
+    first frame in tensorboard (which shows no MP4) and, with --track, the video in wandb. Returns the frame count."""
+    import warnings
+
+    import imageio
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    count = 0
+    with warnings.catch_warnings():  # JAX (SMAX) warns at any fork, here ffmpeg's, which runs no Python
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+        with imageio.get_writer(path, fps=fps, macro_block_size=16, output_params=["-preset", "veryfast"]) as video:
+            for frame in frames:
+                if count == 0 and writer is not None:
+                    writer.add_image("videos/eval_first_frame", frame, global_step, dataformats="HWC")
+                video.append_data(frame)
+                count += 1
+    if track:
+        import wandb
+
+        wandb.log({"videos/eval": wandb.Video(path, format="mp4")})
+    return count
+
+
+def load_trained(args):
+    """--eval-only --resume RUN -> (the trained agent, the run's flags with this command line's on top, the folder to
+    film into, the run's env steps, None for a --save-model file). RUN: a run folder (its newest whole checkpoint,
+    else its --save-model file), a checkpoint file or a --save-model file. Exits with one line when there is none."""
+    path = args.resume
+    if path is None:
+        sys.exit("error: --eval-only needs --resume RUN (a run folder, its checkpoint.pt or a --save-model file)")
+    if not os.path.exists(path):
+        sys.exit(f"error: --resume {path}: no such file or folder")
+    if os.path.isdir(path):
+        models = sorted(name for name in os.listdir(path) if name.endswith(".cleanrl_model"))
+        if models and not any(os.path.exists(os.path.join(path, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
+            path = os.path.join(path, models[0])
+        else:
+            path = load_checkpoint(path)[1]  # exits with one line when the folder holds no whole checkpoint
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        agent, saved = load_agent(path)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        sys.exit(f"error: --resume {path} is not a checkpoint or --save-model file of {os.path.basename(__file__)} ({reason})")
+    names = [field.name for field in fields(Args)]
+    given = tyro.cli(Args, default=Args(**{name: value for name, value in saved.items() if name in names}))
+    return agent, given, os.path.dirname(os.path.abspath(path)), state.get("global_step")
+
+
+VIDEO_SIZE = 320  # the rendered scene, VIDEO_SIZE x VIDEO_SIZE pixels
+MUJOCO_RENDER_PACKAGES = "libegl1 libopengl0 libgl1-mesa-dri"  # EGL, OpenGL and Mesa's software renderer (llvmpipe)
+
+
+def check_video(args):
+    """--capture-video: exit with one line, before anything is built, when it cannot work here."""
+    if not args.eval_only and args.eval_interval == 0:
+        sys.exit("error: --capture-video films the evaluations, but --eval-interval is 0 (none): give --eval-interval N")
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        sys.exit("error: --capture-video needs imageio and imageio-ffmpeg: pip install imageio imageio-ffmpeg")
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo draws through EGL; read when mujoco is imported
+    try:
+        import mujoco  # with a GL library missing, the import itself can fail
+
+        mujoco.GLContext(16, 16).free()
+    except Exception as e:
+        sys.exit(
+            f"error: --capture-video: MuJoCo cannot render headless with MUJOCO_GL={os.environ['MUJOCO_GL']} "
+            f"({type(e).__name__}: {e}); on Debian/Ubuntu: apt-get install {MUJOCO_RENDER_PACKAGES}"
+        )
+
+
+def record_episode(agent, envs, args, device, seed):
+    """Film one episode of the evaluation policy (deterministic) in envs, a vector of one env in this process, with
+    MuJoCo's renderer; each agent's limbs (the bodies its joints move) take its rank's colour in the step's order.
+    Yields the frames ((H, W, 3) uint8) one by one. The torch RNG is restored afterwards (rMAT draws its orders from
+    it), so filming does not change the training that follows."""
+    import mujoco
+
+    env = envs.envs[0].env  # the mamujoco_v1 env
+    robot = env.single_agent_env.unwrapped  # gymnasium's MuJoCo env: model, data, dt
+    model, partitions = robot.model, env.agent_action_partitions
+    bodies = [model.jnt_bodyid[model.actuator_trnid[[node.act_ids for node in part], 0]] for part in partitions]
+    geoms = [np.flatnonzero(np.isin(model.geom_bodyid, b)) for b in bodies]  # agent i's geoms
+    model.vis.quality.offsamples = 0  # no multisampling (this env's own model): 2x faster on a CPU, docs/video.md
+    renderer = mujoco.Renderer(model, VIDEO_SIZE, VIDEO_SIZE)
+    camera = mujoco.MjvCamera()  # follows the robot's torso (body 1)
+    camera.type, camera.trackbodyid, camera.distance, camera.elevation = mujoco.mjtCamera.mjCAMERA_TRACKING, 1, 4.0, -25
+    title = f"{args.scenario} {args.agent_conf}  {args.order}  t {{}}\n{ORDER_TEXT[args.order]}"
+    t, done = 0, False
+    with torch.random.fork_rng(), contextlib.closing(renderer):
+        obs, _ = envs.reset(seed=seed)
+        while not done:
+            obs_t = torch.as_tensor(obs, device=device)
+            action, _, _, sigma, _ = agent.act(obs_t, deterministic=True)
+            sigma, a = sigma[0].tolist(), action[0].cpu().numpy()  # (N,), (N, A)
+            for k, i in enumerate(sigma):
+                model.geom_rgba[geoms[i], :3] = np.array(RANK_COLORS[k % len(RANK_COLORS)]) / 255
+            renderer.update_scene(robot.data, camera)
+            for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION, mujoco.mjtRndFlag.mjRND_SKYBOX):
+                renderer.scene.flags[flag] = False  # 7 ms a frame instead of 50 on a CPU, docs/video.md
+            labels = [
+                f"{i}: " + ", ".join(f"{n.label} {x:+.2f}" for n, x in zip(part, a[i])) for i, part in enumerate(partitions)
+            ]
+            yield video_frame(renderer.render(), sigma, order_scores(agent, obs_t), labels, title.format(t))
+            obs, _, terminated, truncated, _ = envs.step(action.cpu().numpy())
+            t, done = t + 1, terminated[0] or truncated[0]
+
+
+def record_video(agent, args, device, run_dir, global_step, writer):
+    """--capture-video: film one episode into {run_dir}/videos/eval_{global_step}.mp4 (eval_final.mp4 for a
+    --save-model file, global_step None)."""
+    start, path = time.time(), os.path.join(run_dir, "videos", f"eval_{'final' if global_step is None else global_step}.mp4")
+    envs = make_envs(args, 1, async_envs=False)  # the film's own env, in this process
+    fps = round(1 / envs.envs[0].env.single_agent_env.unwrapped.dt)  # real time
+    frames = record_episode(agent, envs, args, device, seed=stream_seed(args.seed, "video", 0, 0, 0, global_step or 0))
+    count = save_video(frames, fps, path, writer, global_step or 0, args.track)
+    envs.close()
+    print(f"  video: {path} ({count} frames, {time.time() - start:.1f} s)", flush=True)
+
+
+def eval_only(args):
+    """--eval-only --resume RUN: evaluate RUN's trained policy on fresh episodes and print the result; with
+    --capture-video also film one episode into RUN/videos. No training, nothing else written."""
+    agent, args, run_dir, global_step = load_trained(args)
+    args.track = False  # nothing is logged
+    check_args(args)
+    if args.capture_video:
+        check_video(args)
+    check_env_args(args.scenario, args.agent_conf)
+    _, _, device = setup_distributed(args.cuda)
+    agent.to(device)
+    seed_process(stream_seed(args.seed, "process", start_step=global_step or 0))  # the evaluation's own streams
+    envs = make_envs(args, min(args.num_envs, args.eval_episodes), args.async_envs and args.num_envs > 1)
+    envs.reset(seed=[stream_seed(args.seed, "eval_env", 0, e, 0, global_step or 0) for e in range(envs.num_envs)])
+    returns = evaluate_policy(agent, envs, args.eval_episodes, device)
+    envs.close()
+    print(f"eval: return {np.mean(returns):.1f} +- {np.std(returns):.1f} over {len(returns)} episodes", flush=True)
+    if args.capture_video:
+        record_video(agent, args, device, run_dir, global_step, None)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.eval_only:  # no training: evaluate (and film) a trained run
+        sys.exit(eval_only(args))
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
     if args.resume:  # the flags that define the run must stay as the checkpoint has them
         args, checkpoint, checkpoint_path = resume_args(
             args, ("scenario", "agent_conf", "agent_obsk", "order", "n_block", "n_embd", "n_head", "seed")
         )
     check_args(args)
+    if args.capture_video:
+        check_video(args)
     if args.agent_obsk < 0:
         sys.exit(f"error: --agent-obsk must be at least 0, got {args.agent_obsk}")
     check_env_args(args.scenario, args.agent_conf)
@@ -1263,6 +1463,8 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
         if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
             eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
+            if args.capture_video:  # one more episode of the evaluation policy, filmed (README, Videos)
+                record_video(agent, args, device, run_dir, global_step, writer)
             writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
             print(
                 f"  eval: return {np.mean(eval_returns):.1f} +- {np.std(eval_returns):.1f} over {len(eval_returns)} episodes",

@@ -78,6 +78,12 @@ class Args:
     resume: Optional[str] = None
     """RUN_DIR or checkpoint file to continue from: its remaining iterations, in its folder, with its flags unless
     given again (the env, order, network and seed must stay; see README, Long runs)"""
+    capture_video: bool = False
+    """if toggled, film one episode of the evaluation policy at each evaluation into `{run_dir}/videos/eval_{step}.mp4`,
+    each agent's rank in the step's decision order drawn on it (needs imageio-ffmpeg; README, Videos)"""
+    eval_only: bool = False
+    """if toggled, train nothing: evaluate the policy of --resume RUN (a run folder, checkpoint or --save-model file);
+    with --capture-video, film it into RUN/videos"""
 
     # Environment
     map: str = "MMM2"
@@ -452,6 +458,8 @@ def sc2_worker(conn, map_name, seed, obs_last_action, obs_agent_id):
             if command == "reset":  # the first one launches the game
                 env.reset()
                 result = observe()
+            elif command == "units":  # --capture-video draws the battle from them
+                result = sc2_units(env)
             else:
                 reward, terminated, info = env.step(actions)
                 if terminated and env.force_restarts == 0:
@@ -587,6 +595,15 @@ class Sc2VecEnv:
             conn.send(("step", action.tolist()))
         obs, avail, reward, done, won = self._gather(self.step_timeout, (0.0, True, False))  # a crash: a lost battle
         return obs, avail, reward.astype(np.float32), done, won
+
+    def units(self, e):
+        """Game e's units, to draw its battle (battle_units); None when the game crashed (it is then replaced)."""
+        self.conns[e].send(("units", None))
+        status, result = self._receive(e, self.step_timeout)
+        if status != "ok":
+            self._replace(e, result)
+            return None
+        return result
 
     def close(self):
         for e, conn in enumerate(self.conns):
@@ -1371,8 +1388,8 @@ def nonfinite_error(skipped, checkpoint_path):
 
 
 # One seeding scheme for every random stream of a run (orders, actions, shuffles, each env of each rank, rebuilt games,
-# resumed runs). Index 0-3 of the key: which kind of stream it is.
-STREAMS = ("process", "env", "eval_env", "game")
+# resumed runs, filmed episodes). The first entry of the key: which kind of stream it is.
+STREAMS = ("process", "env", "eval_env", "game", "video")
 
 
 def stream_seed(seed, stream, rank=0, index=0, restart=0, start_step=0):
@@ -1412,14 +1429,263 @@ def check_run_dir(run_dir, rank, device):
         )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Videos: --capture-video films an episode of the evaluation policy, each agent's rank in the step's decision order
+# drawn on the frame; --eval-only --resume RUN evaluates (and films) a trained run without training. Nothing here is
+# imported or built without these flags (measured: docs/video.md).
+# ---------------------------------------------------------------------------------------------------------------
+RANK_COLORS = [(230, 25, 75), (245, 130, 48), (255, 225, 25), (60, 180, 75), (70, 240, 240), (0, 130, 200)]
+RANK_COLORS += [(145, 30, 180), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # rank 1, 2, ..., then again
+ORDER_TEXT = {"pmat": "order: P-L scores v, sorted", "mat": "order: fixed, agent index", "rmat": "order: uniformly random"}
+PANEL_WIDTH, LINE_HEIGHT = 224, 13  # the order panel on the right of each frame
+
+
+def order_scores(agent, obs):
+    """The P-L scores v_i = exp(z_i) in [1, 10] (eq. 11) of one env's agents, obs (1, N, obs_dim) -> (N,); None for
+    MAT and rMAT, which have none."""
+    if agent.order_mode != "pmat":
+        return None
+    with torch.no_grad():
+        return agent.order_log_weights(agent.encoder(obs)[0])[0].exp().cpu().numpy()
+
+
+def video_frame(scene, sigma, scores, labels, title):
+    """One frame: the scene (H, W, 3) uint8 and, on its right, this step's decision order: per position k, the rank
+    k + 1, agent sigma[k]'s P-L score (PMAT) and label (labels[i]: agent i and its action), in the rank's colour.
+    Padded to multiples of 16 pixels, the video encoder's blocks."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = -(-scene.shape[0] // 16) * 16, -(-(scene.shape[1] + PANEL_WIDTH) // 16) * 16
+    image = Image.new("RGB", (width, height), (32, 32, 32))
+    image.paste(Image.fromarray(scene), (0, 0))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=11)
+    x, y = scene.shape[1] + 6, 3
+    for line in [*title.split("\n"), "rank. " + ("" if scores is None else "score v  ") + "agent: action"]:
+        draw.text((x, y), line, fill=(255, 255, 255), font=font)
+        y += LINE_HEIGHT
+    for k, i in enumerate(sigma):
+        if y + 2 * LINE_HEIGHT > height and k < len(sigma) - 1:  # no room for the rest: say how many
+            draw.text((x, y), f"... {len(sigma) - k} more", fill=(255, 255, 255), font=font)
+            break
+        score = "" if scores is None else f"{scores[i]:4.2f}  "
+        draw.text((x, y), f"{k + 1:>2}. {score}{labels[i]}", fill=RANK_COLORS[k % len(RANK_COLORS)], font=font)
+        y += LINE_HEIGHT
+    return np.asarray(image)
+
+
+def save_video(frames, fps, path, writer, global_step, track):
+    """Write frames (an iterable of (H, W, 3) uint8, such as record_episode's, taken one by one: ffmpeg encodes in its
+    own process meanwhile and no episode is held in memory) to the MP4 `path` (H.264, through imageio-ffmpeg); put the
+    first frame in tensorboard (which shows no MP4) and, with --track, the video in wandb. Returns the frame count."""
+    import warnings
+
+    import imageio
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    count = 0
+    with warnings.catch_warnings():  # JAX (SMAX) warns at any fork, here ffmpeg's, which runs no Python
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+        with imageio.get_writer(path, fps=fps, macro_block_size=16, output_params=["-preset", "veryfast"]) as video:
+            for frame in frames:
+                if count == 0 and writer is not None:
+                    writer.add_image("videos/eval_first_frame", frame, global_step, dataformats="HWC")
+                video.append_data(frame)
+                count += 1
+    if track:
+        import wandb
+
+        wandb.log({"videos/eval": wandb.Video(path, format="mp4")})
+    return count
+
+
+def load_trained(args):
+    """--eval-only --resume RUN -> (the trained agent, the run's flags with this command line's on top, the folder to
+    film into, the run's env steps, None for a --save-model file). RUN: a run folder (its newest whole checkpoint,
+    else its --save-model file), a checkpoint file or a --save-model file. Exits with one line when there is none."""
+    path = args.resume
+    if path is None:
+        sys.exit("error: --eval-only needs --resume RUN (a run folder, its checkpoint.pt or a --save-model file)")
+    if not os.path.exists(path):
+        sys.exit(f"error: --resume {path}: no such file or folder")
+    if os.path.isdir(path):
+        models = sorted(name for name in os.listdir(path) if name.endswith(".cleanrl_model"))
+        if models and not any(os.path.exists(os.path.join(path, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
+            path = os.path.join(path, models[0])
+        else:
+            path = load_checkpoint(path)[1]  # exits with one line when the folder holds no whole checkpoint
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        agent, saved = load_agent(path)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        sys.exit(f"error: --resume {path} is not a checkpoint or --save-model file of {os.path.basename(__file__)} ({reason})")
+    names = [field.name for field in fields(Args)]
+    given = tyro.cli(Args, default=Args(**{name: value for name, value in saved.items() if name in names}))
+    return agent, given, os.path.dirname(os.path.abspath(path)), state.get("global_step")
+
+
+VIDEO_SIZE = 320  # the battle map, VIDEO_SIZE x VIDEO_SIZE pixels
+MOVE_NAMES = {"smax": ["north", "east", "south", "west", "stop"], "sc2": ["no-op", "stop", "north", "south", "east", "west"]}
+
+
+def check_video(args):
+    """--capture-video: exit with one line, before anything is built, when it cannot work here."""
+    if not args.eval_only and args.eval_interval == 0:
+        sys.exit("error: --capture-video films the evaluations, but --eval-interval is 0 (none): give --eval-interval N")
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        sys.exit("error: --capture-video needs imageio and imageio-ffmpeg: pip install imageio imageio-ffmpeg")
+
+
+def battle_units(envs, args):
+    """Env 0's battle, to draw it: per unit (allies first) its position (U, 2) in map units, health fraction, alive,
+    radius and, for an enemy, the ally it attacked in the last step (-1: none or not known); the map's size."""
+    if isinstance(envs, SmaxVecEnv):
+        import jax
+
+        env = smax_functions(args.map, args.smax_max_steps)[0]  # the compiled SMAX env of this map (cached)
+        s = jax.tree.map(lambda x: x[0], jax.device_get(envs.states.state))  # to numpy, then env 0 (no JAX op to compile)
+        n, moves = env.num_allies, env.num_movement_actions
+        attack = np.asarray(s.prev_attack_actions[n:])  # an enemy's attack action a >= moves hits ally n - 1 - (a - moves)
+        return {
+            "pos": np.asarray(s.unit_positions),
+            "health": np.asarray(s.unit_health) / np.asarray(env.unit_type_health)[s.unit_types],
+            "alive": np.asarray(s.unit_alive),
+            "radius": np.asarray(env.unit_type_radiuses)[s.unit_types],
+            "enemy_target": np.where(attack >= moves, n - 1 - (attack - moves), -1),
+            "map_size": (env.map_width, env.map_height),
+        }
+    return envs.units(0)
+
+
+def draw_battle(units, targets, ranks):
+    """Top-down map of a battle (y up, zoomed on the living units): allies blue, enemies red, each a ring whose filled
+    part shows its health, a grey cross when dead; a line from each attacking ally to its target in the colour of the
+    ally's rank in this step's order, thin red lines for the enemies' last attacks; each ally's rank written beside
+    it. targets (N,): the unit each ally attacks (-1: none); ranks (N,): 0 = first."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size, n, pos, alive = VIDEO_SIZE, len(ranks), units["pos"], units["alive"]
+    image = Image.new("RGB", (size, size), (228, 222, 200))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=12)
+    live = pos[alive] if alive.any() else pos  # the view: the living units with a margin of 3 map units (at least 12)
+    low, high = live.min(0), live.max(0)
+    scale, center = size / max(float((high - low).max()) + 6.0, 12.0), (low + high) / 2
+    px = lambda p: (size / 2 + (p[0] - center[0]) * scale, size / 2 - (p[1] - center[1]) * scale)  # noqa: E731
+    (width, height), wall = units["map_size"], (120, 120, 110)
+    draw.rectangle([px((0, height)), px((width, 0))], outline=wall, width=2)  # the map's edge (a unit touching it dies)
+    for j, target in enumerate(units["enemy_target"]):
+        if target >= 0 and alive[n + j] and alive[target]:
+            draw.line([px(pos[n + j]), px(pos[target])], fill=(200, 40, 40), width=1)
+    for i, target in enumerate(targets):
+        if target >= 0 and alive[i] and alive[target]:
+            draw.line([px(pos[i]), px(pos[target])], fill=RANK_COLORS[ranks[i] % len(RANK_COLORS)], width=2)
+    for u in range(len(pos)):
+        (x, y), r = px(pos[u]), max(3.0, float(units["radius"][u]) * scale)
+        if not alive[u]:
+            draw.line([x - r, y - r, x + r, y + r], fill=(150, 150, 150), width=2)
+            draw.line([x - r, y + r, x + r, y - r], fill=(150, 150, 150), width=2)
+            continue
+        color = (40, 90, 220) if u < n else (210, 40, 40)
+        h = r * float(np.sqrt(np.clip(units["health"][u], 0, 1)))  # the filled disc's area is the health fraction
+        draw.ellipse([x - h, y - h, x + h, y + h], fill=color)
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=color, width=1)
+        if u < n:
+            color = RANK_COLORS[ranks[u] % len(RANK_COLORS)]
+            draw.text((x + r, y - r - 11), str(ranks[u] + 1), fill=color, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def record_episode(agent, envs, args, backend, device):
+    """Film one battle of the evaluation policy (deterministic) in env 0 of envs (every env steps along), drawn from
+    the battle's state step by step. Yields the frames ((H, W, 3) uint8) one by one. The torch RNG (rMAT's orders)
+    and SMAX's env keys are restored afterwards, so filming does not change the training that follows."""
+    moves = MOVE_NAMES[backend]
+    title = f"{args.map} ({backend})  {args.order}  t {{}}\n{ORDER_TEXT[args.order]}"
+    keys, t, done = getattr(envs, "keys", None), 0, False
+    with torch.random.fork_rng():
+        obs, avail = envs.reset()
+        while not done:
+            obs_t = torch.as_tensor(obs, device=device)
+            action, _, _, sigma, _ = agent.act(obs_t, torch.as_tensor(avail, device=device), deterministic=True)
+            units, sigma, a = battle_units(envs, args), sigma[0].tolist(), action[0].tolist()
+            if units is None:  # the game crashed: the video ends here
+                break
+            n = len(a)
+            healer = units.get("healer", np.zeros(len(units["pos"]), bool))  # SC2's medivacs heal allies
+            targets = [-1 if x < len(moves) else x - len(moves) + (0 if healer[i] else n) for i, x in enumerate(a)]
+            labels = [
+                f"ally {i}: " + (moves[x] if x < len(moves) else f"{'heal a' if healer[i] else 'attack e'}{x - len(moves)}")
+                for i, x in enumerate(a)
+            ]
+            scene = draw_battle(units, targets, np.argsort(sigma).tolist())
+            yield video_frame(scene, sigma, order_scores(agent, obs_t[:1]), labels, title.format(t))
+            obs, avail, _, done, _ = envs.step(action.cpu().numpy())
+            t, done = t + 1, done[0]
+    if keys is not None:
+        envs.keys = keys
+
+
+def record_video(agent, envs, args, backend, device, run_dir, global_step, writer):
+    """--capture-video, at an evaluation: film one battle into {run_dir}/videos/eval_{global_step}.mp4 (eval_final.mp4
+    for a --save-model file, global_step None)."""
+    start, path = time.time(), os.path.join(run_dir, "videos", f"eval_{'final' if global_step is None else global_step}.mp4")
+    frames = record_episode(agent, envs, args, backend, device)
+    count = save_video(frames, 8, path, writer, global_step or 0, args.track)  # 8 fps: a step is 8 game frames, ~0.36 s
+    print(f"  video: {path} ({count} frames, {time.time() - start:.1f} s)", flush=True)
+
+
+def eval_only(args):
+    """--eval-only --resume RUN: evaluate RUN's trained policy on fresh battles and print the result; with
+    --capture-video also film one battle into RUN/videos. No training, nothing else written."""
+    agent, args, run_dir, global_step = load_trained(args)
+    args.track = False  # nothing is logged
+    check_args(args)
+    if args.capture_video:
+        check_video(args)
+    backend, why = choose_backend(args.backend, args.map)
+    print(f"backend: {backend} ({why})", flush=True)
+    _, _, device = setup_distributed(args.cuda)
+    agent.to(device)
+    seed_process(stream_seed(args.seed, "process", start_step=global_step or 0))  # the evaluation's own streams
+    if backend == "smax":
+        setup_jax(args.jax_cache_dir)
+    envs = make_envs(args, backend, min(args.num_envs, args.eval_episodes), args.seed, 0, global_step or 0)
+    wins, returns = evaluate_policy(agent, envs, args.eval_episodes, device)
+    print(f"eval: win rate {np.mean(wins):.3f}, return {np.mean(returns):.2f} over {len(wins)} battles", flush=True)
+    if args.capture_video:
+        record_video(agent, envs, args, backend, device, run_dir, global_step, None)
+    envs.close()
+
+
+def sc2_units(env):
+    """battle_units of a SMAC v1 StarCraft2Env, read in its worker from the units SMAC last saw (a dead one: health 0)."""
+    units = [env.agents[i] for i in range(env.n_agents)] + [env.enemies[j] for j in range(env.n_enemies)]
+    return {
+        "pos": np.array([[u.pos.x, u.pos.y] for u in units], np.float32),
+        "health": np.array([u.health / max(u.health_max, 1.0) for u in units]),
+        "alive": np.array([u.health > 0 for u in units]),
+        "radius": np.array([u.radius for u in units]),
+        "healer": np.array([env.map_type == "MMM" and u.unit_type == env.medivac_id for u in units]),
+        "enemy_target": np.full(env.n_enemies, -1),  # SMAC does not say whom an enemy attacks
+        "map_size": (env.map_x, env.map_y),
+    }
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.eval_only:  # no training: evaluate (and film) a trained run
+        sys.exit(eval_only(args))
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
     if args.resume:  # the flags that define the run must stay as the checkpoint has them
         args, checkpoint, checkpoint_path = resume_args(
             args, ("map", "obs_last_action", "obs_agent_id", "smax_max_steps", "order", "n_block", "n_embd", "n_head", "seed")
         )
     check_args(args)
+    if args.capture_video:
+        check_video(args)
     if args.smax_max_steps < 1:
         sys.exit(f"error: --smax-max-steps must be at least 1, got {args.smax_max_steps}")
     for name in ("sc2_step_timeout", "sc2_launch_timeout"):
@@ -1681,6 +1947,8 @@ if __name__ == "__main__":
             # Evaluation borrows the training envs (a StarCraft II game is a heavy process; a second set of games
             # would double the memory), then the next rollout starts from fresh battles.
             eval_wins, eval_returns = evaluate_policy(agent, envs, args.eval_episodes, device)
+            if args.capture_video:  # one more battle of the evaluation policy, filmed (README, Videos)
+                record_video(agent, envs, args, backend, device, run_dir, global_step, writer)
             next_obs, next_avail = (torch.as_tensor(x, device=device) for x in envs.reset())
             episode_return[:], episode_length[:] = 0.0, 0
             writer.add_scalar("eval/win_rate", np.mean(eval_wins), global_step)

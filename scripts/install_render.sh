@@ -3,7 +3,7 @@
 # pmat_mamujoco.py --capture-video. Idempotent: installs only the missing packages.
 #   bash scripts/install_render.sh
 set -euo pipefail
-PACKAGES=(libegl1 libegl-mesa0 libgl1 libopengl0)
+PACKAGES=(libegl1 libegl-mesa0 libopengl0 libgl1-mesa-dri)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     if ! dpkg -s "$pkg" >/dev/null 2>&1; then missing+=("$pkg"); fi

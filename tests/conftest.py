@@ -78,23 +78,46 @@ def import_problem(*modules):
     return None
 
 
-# The optional parts: what each needs, and the README's command that installs it (section "Set-up in two commands").
-# The tests that need a part are marked with it (pytest -m grf / -m sc2 selects them; see pytest_collection_modifyitems).
+def egl_problem():
+    """None if MuJoCo renders a frame headless with MUJOCO_GL=egl (in a fresh process), else why not."""
+    code = (
+        "import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><geom size=\"1\"/></worldbody></mujoco>'); "
+        "r = mujoco.Renderer(m, 32, 32); r.update_scene(mujoco.MjData(m)); assert r.render().shape == (32, 32, 3)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "MUJOCO_GL": "egl"}, capture_output=True, text=True, timeout=120
+    )
+    return (
+        None if result.returncode == 0 else "MuJoCo's EGL renderer: " + (result.stderr.strip().splitlines() or ["failed"])[-1]
+    )
+
+
+# The optional parts: how to tell whether each is there, and the README's command that installs it (section "Set-up in
+# two commands"). The tests that need a part use its fixture and so carry its marker (`pytest -m "grf or sc2 or render"`).
 OPTIONAL_PARTS = {
-    "grf": (("gfootball.env", "gfootball_engine"), "bash scripts/install_grf.sh"),
+    "grf": (lambda: import_problem("gfootball.env", "gfootball_engine"), "bash scripts/install_grf.sh"),
     "sc2": (
-        ("s2clientprotocol", "pysc2", "smac.env"),
+        lambda: import_problem("s2clientprotocol", "pysc2", "smac.env"),
         "pip install -r requirements-sc2.txt, then SMAC v1 (README: 'Optional parts')",
     ),
+    "render": (egl_problem, "bash scripts/install_render.sh"),
 }
-PROBLEMS = {part: import_problem(*modules) for part, (modules, _) in OPTIONAL_PARTS.items()}
-GRF_PROBLEM = PROBLEMS["grf"]
+PROBLEMS = {}  # part -> None or why it is missing, checked once, when a test first needs it
+
+
+def part_problem(part):
+    if part not in PROBLEMS:
+        PROBLEMS[part] = OPTIONAL_PARTS[part][0]()
+    return PROBLEMS[part]
+
+
+GRF_PROBLEM = part_problem("grf")
 
 
 def require(part):
     """Skip the calling test when an optional part is missing, with the command that installs it; under CI=true fail
     instead (.ci/run installs every part before it runs the tests marked with it)."""
-    if PROBLEMS[part] is None:
+    if part_problem(part) is None:
         return
     message = f"optional part {part!r} is not installed ({PROBLEMS[part]}); install it with `{OPTIONAL_PARTS[part][1]}`"
     if os.environ.get("CI", "").lower() == "true":
@@ -114,8 +137,15 @@ def sc2():
     require("sc2")
 
 
+@pytest.fixture
+def render():
+    """Use in every test that needs MuJoCo's headless renderer (Mesa's EGL)."""
+    require("render")
+
+
 def pytest_collection_modifyitems(items):
-    """A test that uses the grf or sc2 fixture gets that marker too, so `-m "grf or sc2"` selects exactly those."""
+    """A test that uses the grf, sc2 or render fixture gets that marker too, so `-m "grf or sc2 or render"` selects
+    exactly those."""
     for item in items:
         for part in OPTIONAL_PARTS:
             if part in item.fixturenames:

@@ -47,6 +47,10 @@ SHARED = [
     "stream_seed",
     "seed_process",
     "check_run_dir",
+    "order_scores",
+    "video_frame",
+    "save_video",
+    "load_trained",
 ]
 
 
