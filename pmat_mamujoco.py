@@ -192,7 +192,8 @@ class MaMuJoCoEnv(gym.Env):
 
     obs (N, obs_dim) float32, each agent's observation zero-padded to the largest; action (N, act_dim), clipped
     to the action box, of which agent i's first act_dims[i] entries reach the env (an agent with fewer joints than
-    act_dim: the box is [0, 0] in its padded entries, which are dropped); reward: the shared team reward;
+    act_dim: its padded entries are dropped; their box is its first joint's, as a [0, 0] box would be degenerate
+    for gymnasium's checker; the policy puts 0 there); reward: the shared team reward;
     info["state"]: the global state (S,), not used by PMAT (its encoder reads the observations only, as the
     reference's). Termination (the robot fell) and truncation (the
     1000-step time limit) are kept apart; the vector env resets after either.
@@ -204,11 +205,12 @@ class MaMuJoCoEnv(gym.Env):
         self.obs_dims = [self.env.observation_space(a).shape[0] for a in self.agents]
         self.act_dims = [self.env.action_space(a).shape[0] for a in self.agents]  # each agent's joints
         act_dim = max(self.act_dims)
-        self.low = np.zeros((len(self.agents), act_dim), np.float32)  # (N, A), 0 in the padded entries
+        self.low = np.zeros((len(self.agents), act_dim), np.float32)  # (N, A)
         self.high = np.zeros((len(self.agents), act_dim), np.float32)  # (N, A)
         for i, agent in enumerate(self.agents):
-            self.low[i, : self.act_dims[i]] = self.env.action_space(agent).low
-            self.high[i, : self.act_dims[i]] = self.env.action_space(agent).high
+            space = self.env.action_space(agent)
+            self.low[i], self.high[i] = space.low[0], space.high[0]  # the padded entries: the first joint's box
+            self.low[i, : self.act_dims[i]], self.high[i, : self.act_dims[i]] = space.low, space.high
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (len(self.agents), max(self.obs_dims)), np.float32)
         self.action_space = gym.spaces.Box(self.low, self.high, (len(self.agents), act_dim), np.float32)
 
