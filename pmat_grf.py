@@ -29,6 +29,7 @@ import pkgutil
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, fields
 from typing import Literal, Optional
@@ -588,11 +589,13 @@ def all_reduce_mean(x):
 def normalize_advantages(advantages, active=None):
     """(A - mean) / (std + 1e-5) with the mean and the (unbiased) std of every rank's advantages, so that W ranks
     normalise exactly as one process with the union of their batches; over the active entries only when given
-    (SMAC: alive agents, as MAT). advantages (T*E, N), the whole rollout; active the same shape, bool, or None."""
-    values = advantages.flatten() if active is None else advantages[active]
-    count, total = all_reduce_sum(torch.stack([torch.tensor(float(values.numel()), device=values.device), values.sum()]))
+    (SMAC: alive agents, as MAT). advantages (T*E, N), the whole rollout; active the same shape, bool, or None.
+    Weighted sums, not advantages[active]: the same statistics with no shape that depends on the data (so no device
+    sync on the GPU, and it runs on the meta device, see tests/test_device.py)."""
+    weight = torch.ones_like(advantages) if active is None else active.to(advantages.dtype)  # (T*E, N) 1: counted
+    count, total = all_reduce_sum(torch.stack([weight.sum(), (weight * advantages).sum()]))
     mean = total / count
-    std = (all_reduce_sum(((values - mean) ** 2).sum()) / (count - 1)).sqrt()
+    std = (all_reduce_sum((weight * (advantages - mean) ** 2).sum()) / (count - 1)).sqrt()
     return (advantages - mean) / (std + 1e-5)
 
 
@@ -736,6 +739,27 @@ def ppo_loss(agent, args, mb):
             "clipfrac": masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), active),
         }
     return loss, {name: value.detach() for name, value in logged.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollout storage: the training loop's buffers
+# ---------------------------------------------------------------------------------------------------------------
+def rollout_buffers(T, E, N, obs_dim, device):
+    """The training loop's rollout storage, time-major, zeros on `device` (E: this rank's envs), in this order:
+    obs (T, E, N, obs_dim), actions (T, E, N) long, log-probs (T, E, N), values (T, E, N) normalised, as the critic
+    predicts them, the decision orders sigma (T, E, N) long, log P(sigma) (T, E), rewards (T, E), dones (T, E), and
+    bootstrap (T, E, N): V(final obs) where the time limit cut an episode."""
+    return (
+        torch.zeros((T, E, N, obs_dim), device=device),  # obs_buf
+        torch.zeros((T, E, N), dtype=torch.long, device=device),  # action_buf
+        torch.zeros((T, E, N), device=device),  # log_prob_buf
+        torch.zeros((T, E, N), device=device),  # value_buf
+        torch.zeros((T, E, N), dtype=torch.long, device=device),  # sigma_buf
+        torch.zeros((T, E), device=device),  # sigma_log_prob_buf
+        torch.zeros((T, E), device=device),  # reward_buf
+        torch.zeros((T, E), device=device),  # done_buf
+        torch.zeros((T, E, N), device=device),  # bootstrap_buf
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -984,6 +1008,48 @@ def nonfinite_error(skipped, checkpoint_path):
     )
 
 
+# One seeding scheme for every random stream of a run (orders, actions, shuffles, each env of each rank, rebuilt games,
+# resumed runs). Index 0-3 of the key: which kind of stream it is.
+STREAMS = ("process", "env", "eval_env", "game")
+
+
+def stream_seed(seed, stream, rank=0, index=0, restart=0, start_step=0):
+    """The seed of one random stream, 63 bits (JAX and torch take signed 64-bit ints): numpy's SeedSequence(--seed)
+    keyed by (stream, rank, index: the env, restart: how often that env's game was rebuilt, start_step: the global step
+    this process started from, 0 unless resumed). Distinct keys give independent streams, so no two streams of a run
+    share a seed (sums such as seed + 1000 * env + 1e6 * rank collide), and the same --seed gives the same seeds."""
+    key = (STREAMS.index(stream), rank, index, restart, start_step)
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0]) >> 1
+
+
+def seed_process(seed):
+    """Seed python's, numpy's and torch's global generators (orders, actions, mini-batch shuffles) from one seed."""
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # numpy's legacy generator takes 32-bit words
+    torch.manual_seed(seed)
+
+
+def check_run_dir(run_dir, rank, device):
+    """Exit with one `error:` line, before any env or writer is started, when the run folder cannot be created or
+    written (a path under a file, no permission, a read-only disk). Rank 0 checks (it alone writes); under torchrun
+    every rank learns the answer and exits with it."""
+    problem = None
+    if rank == 0:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=run_dir):
+                pass
+        except OSError as e:
+            problem = f"{e.strerror or type(e).__name__}{f': {e.filename}' if e.filename else ''}"
+    failed = all_reduce_sum(torch.tensor(float(problem is not None), device=device))  # torchrun: tell every rank
+    if failed.item():
+        sys.exit(
+            f"error: the run folder {run_dir} cannot be created or written ({problem}); choose another --run-dir"
+            if rank == 0
+            else 1
+        )
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
@@ -1014,14 +1080,18 @@ if __name__ == "__main__":
             else 1
         )
     args.minibatch_size = args.batch_size // args.num_minibatches  # over all ranks; each rank's: mb_size (step 3)
-    args.num_iterations = args.total_timesteps // args.batch_size
-    if args.num_iterations < 1:
+    # Iterations to run: the step budget left over this batch size; a resumed run counts on from its saved iteration and
+    # step, so a changed --num-envs or --num-steps still ends at --total-timesteps (to within one rollout)
+    done_iterations, start_step = (0, 0) if checkpoint is None else (checkpoint["iteration"], checkpoint["global_step"])
+    args.num_iterations = done_iterations + max(0, args.total_timesteps - start_step) // args.batch_size
+    if checkpoint is None and args.num_iterations < 1:
         sys.exit(
             f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
             f"(num_envs * num_steps = {args.batch_size})"
         )
     run_name = f"{args.env_name}-{args.num_agents}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
     run_dir = args.run_dir or f"runs/{run_name}"
+    check_run_dir(run_dir, rank, device)
     if checkpoint is None and any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
         sys.exit(
             f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
@@ -1049,10 +1119,8 @@ if __name__ == "__main__":
             0 if checkpoint is None else checkpoint["global_step"] + 1,
         )
 
-    # Seeding: each rank has its own random streams (orders, actions, envs); rank 0's are those of a plain run
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    # Seeding: every rank, env and resume its own random streams (stream_seed); a resumed rank 0 then restores its own
+    seed_process(stream_seed(args.seed, "process", rank, start_step=start_step))
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     # Env setup
@@ -1063,7 +1131,7 @@ if __name__ == "__main__":
     eval_envs = None
     if args.eval_interval > 0 and rank == 0:
         eval_envs = make_envs(args, min(args.num_envs, args.eval_episodes), async_envs)
-        eval_envs.reset(seed=args.seed + 10_000)  # builds and seeds the evaluation games once
+        eval_envs.reset(seed=[stream_seed(args.seed, "eval_env", 0, e, 0, start_step) for e in range(eval_envs.num_envs)])
     if rank == 0:
         print(
             f"{args.env_name}: {n_agents} agents, obs {obs_dim}, actions {n_actions}, rewards {args.rewards}; "
@@ -1092,25 +1160,15 @@ if __name__ == "__main__":
 
     # Rollout storage, time-major; E: this rank's envs
     T, E, N = args.num_steps, args.num_envs // world_size, n_agents
-    obs_buf = torch.zeros((T, E, N, obs_dim), device=device)
-    action_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)
-    log_prob_buf = torch.zeros((T, E, N), device=device)
-    value_buf = torch.zeros((T, E, N), device=device)  # normalised, as the critic predicts them
-    sigma_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)  # the decision orders
-    sigma_log_prob_buf = torch.zeros((T, E), device=device)
-    reward_buf = torch.zeros((T, E), device=device)
-    done_buf = torch.zeros((T, E), device=device)
-    bootstrap_buf = torch.zeros((T, E, N), device=device)  # V(final obs) where the time limit cut an episode
+    obs_buf, action_buf, log_prob_buf, value_buf, sigma_buf, sigma_log_prob_buf, reward_buf, done_buf, bootstrap_buf = (
+        rollout_buffers(T, E, N, obs_dim, device)
+    )
 
     start_iteration, global_step = 1, 0
     if checkpoint is not None:  # last, so that nothing above draws from the restored RNG streams
         restore_checkpoint(checkpoint, agent, optimizer, value_norm)
         optimizer.param_groups[0]["lr"] = args.learning_rate  # may have changed on resume
         start_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
-        if rank > 0:  # the checkpoint holds rank 0's random streams: the other ranks start new ones
-            random.seed(args.seed + rank + global_step)
-            np.random.seed(args.seed + rank + global_step)
-            torch.manual_seed(args.seed + rank + global_step)
         if rank == 0:
             print(
                 f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
@@ -1119,7 +1177,7 @@ if __name__ == "__main__":
             )
     start_time, start_step = time.time(), global_step
     skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
-    next_obs, _ = envs.reset(seed=args.seed + global_step + rank * E)  # env e of rank r: seed + global_step + r * E + e
+    next_obs, _ = envs.reset(seed=[stream_seed(args.seed, "env", rank, e, 0, start_step) for e in range(E)])
     next_obs = torch.as_tensor(next_obs, device=device)
     episode_return, episode_score, episode_length = np.zeros(E), np.zeros(E), np.zeros(E, dtype=int)
 

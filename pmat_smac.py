@@ -33,6 +33,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, fields
 from typing import Literal, Optional
@@ -362,7 +363,7 @@ class SmaxVecEnv:
 
     dead_action = 4  # a dead SMAX unit's only available action is "stop"
 
-    def __init__(self, map_name, num_envs, seed, max_steps, obs_last_action=True, obs_agent_id=True):
+    def __init__(self, map_name, num_envs, seed, max_steps, obs_last_action=True, obs_agent_id=True, rank=0, start_step=0):
         import jax
 
         self.jax = jax
@@ -377,7 +378,8 @@ class SmaxVecEnv:
         )
         self.agent_id = np.broadcast_to(np.eye(self.n_agents, dtype=np.float32), (num_envs, self.n_agents, self.n_agents))
         self.last_action = np.zeros((num_envs, self.n_agents, self.n_actions), np.float32)  # (E, N, A) one-hot
-        self.keys = jax.random.split(jax.random.PRNGKey(seed), num_envs)  # one random stream per env
+        seed = stream_seed(seed, "env", rank, 0, 0, start_step)  # 63 bits; a JAX key takes 32: fold in the high half
+        self.keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed & 0xFFFFFFFF), seed >> 32), num_envs)
         self.states = None
         self.restarts = 0  # the real game's crash counter; SMAX never crashes
 
@@ -481,14 +483,23 @@ class Sc2VecEnv:
     dead_action = 0  # SMAC: the no-op is available to dead units only, and is then their only action
 
     def __init__(
-        self, map_name, num_envs, seed, obs_last_action=True, obs_agent_id=True, step_timeout=120.0, launch_timeout=300.0
+        self,
+        map_name,
+        num_envs,
+        seed,
+        obs_last_action=True,
+        obs_agent_id=True,
+        step_timeout=120.0,
+        launch_timeout=300.0,
+        rank=0,
+        start_step=0,
     ):
-        self.map_name, self.num_envs, self.seed = map_name, num_envs, seed
+        self.map_name, self.num_envs, self.seed, self.rank, self.start_step = map_name, num_envs, seed, rank, start_step
         self.options = (obs_last_action, obs_agent_id)
         self.step_timeout, self.launch_timeout = step_timeout, launch_timeout
         self.workers, self.conns, self.restarts = [None] * num_envs, [None] * num_envs, 0
         for e in range(num_envs):
-            self._start(e, seed + 1000 * e)
+            self._start(e)
         info = [self._receive(e, launch_timeout) for e in range(num_envs)]  # each game's env info (nothing launched yet)
         if any(status != "ok" for status, _ in info):
             self.close()
@@ -498,9 +509,16 @@ class Sc2VecEnv:
         self.obs_dim = info["obs_shape"] + (self.n_actions if obs_last_action else 0) + (self.n_agents if obs_agent_id else 0)
         atexit.register(self.close)  # no game outlives the run, even one that ends with an exception
 
-    def _start(self, e, seed):
-        self.conns[e], child_conn = multiprocessing.Pipe()
-        self.workers[e] = multiprocessing.Process(
+    def _start(self, e):
+        """Start worker e with its own seed: game e of this rank, after self.restarts rebuilds (SC2 takes 32 bits).
+        The workers are started with "spawn", a fresh interpreter each. A plain fork (Linux's default before Python
+        3.14) would copy the trainer with torch's and JAX's threads, and a lock one of them held stays locked in the
+        child for good. "forkserver" is as safe and starts faster, but its server keeps the environment it started
+        with ($SC2PATH included) for every later game; a second or two per game launch is small next to the game's."""
+        seed = stream_seed(self.seed, "game", self.rank, e, self.restarts, self.start_step) % 2**32
+        context = multiprocessing.get_context("spawn")
+        self.conns[e], child_conn = context.Pipe()
+        self.workers[e] = context.Process(
             target=sc2_worker, args=(child_conn, self.map_name, seed, *self.options), daemon=True
         )
         self.workers[e].start()
@@ -539,7 +557,7 @@ class Sc2VecEnv:
                 flush=True,
             )
             self._kill(e)
-            self._start(e, self.seed + 1000 * e + 1_000_000 * self.restarts)
+            self._start(e)
             status, why = self._receive(e, self.launch_timeout)
             if status == "ok":
                 self.conns[e].send(("reset", None))
@@ -584,13 +602,21 @@ class Sc2VecEnv:
         self.workers = [None] * self.num_envs
 
 
-def make_envs(args, backend, num_envs, seed):
-    """The vector of num_envs battles of --map on the chosen backend."""
+def make_envs(args, backend, num_envs, seed, rank=0, start_step=0):
+    """The vector of num_envs battles of --map on the chosen backend; seed: --seed (the envs' own seeds: stream_seed)."""
     if backend == "sc2":
         return Sc2VecEnv(
-            args.map, num_envs, seed, args.obs_last_action, args.obs_agent_id, args.sc2_step_timeout, args.sc2_launch_timeout
+            args.map,
+            num_envs,
+            seed,
+            args.obs_last_action,
+            args.obs_agent_id,
+            args.sc2_step_timeout,
+            args.sc2_launch_timeout,
+            rank,
+            start_step,
         )
-    return SmaxVecEnv(args.map, num_envs, seed, args.smax_max_steps, args.obs_last_action, args.obs_agent_id)
+    return SmaxVecEnv(args.map, num_envs, seed, args.smax_max_steps, args.obs_last_action, args.obs_agent_id, rank, start_step)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -925,11 +951,13 @@ def all_reduce_mean(x):
 def normalize_advantages(advantages, active=None):
     """(A - mean) / (std + 1e-5) with the mean and the (unbiased) std of every rank's advantages, so that W ranks
     normalise exactly as one process with the union of their batches; over the active entries only when given
-    (SMAC: alive agents, as MAT). advantages (T*E, N), the whole rollout; active the same shape, bool, or None."""
-    values = advantages.flatten() if active is None else advantages[active]
-    count, total = all_reduce_sum(torch.stack([torch.tensor(float(values.numel()), device=values.device), values.sum()]))
+    (SMAC: alive agents, as MAT). advantages (T*E, N), the whole rollout; active the same shape, bool, or None.
+    Weighted sums, not advantages[active]: the same statistics with no shape that depends on the data (so no device
+    sync on the GPU, and it runs on the meta device, see tests/test_device.py)."""
+    weight = torch.ones_like(advantages) if active is None else active.to(advantages.dtype)  # (T*E, N) 1: counted
+    count, total = all_reduce_sum(torch.stack([weight.sum(), (weight * advantages).sum()]))
     mean = total / count
-    std = (all_reduce_sum(((values - mean) ** 2).sum()) / (count - 1)).sqrt()
+    std = (all_reduce_sum((weight * (advantages - mean) ** 2).sum()) / (count - 1)).sqrt()
     return (advantages - mean) / (std + 1e-5)
 
 
@@ -1073,6 +1101,30 @@ def ppo_loss(agent, args, mb):
             "clipfrac": masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), active),
         }
     return loss, {name: value.detach() for name, value in logged.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollout storage: the training loop's buffers
+# ---------------------------------------------------------------------------------------------------------------
+def rollout_buffers(T, E, N, obs_dim, n_actions, device):
+    """The training loop's rollout storage, time-major, zeros on `device` (E: this rank's envs), in this order:
+    obs (T, E, N, obs_dim), the available actions (T, E, N, A) bool, actions (T, E, N) long, log-probs (T, E, N),
+    values (T, E, N) normalised, as the critic predicts them, the decision orders sigma (T, E, N) long, log P(sigma)
+    (T, E), rewards (T, E), dones (T, E), no_bootstrap (T, E, N), zeros that stay zeros (SMAC: the time limit ends
+    the battle, a loss, so nothing bootstraps), and the active (alive) agents (T, E, N) bool (see ppo_loss)."""
+    return (
+        torch.zeros((T, E, N, obs_dim), device=device),  # obs_buf
+        torch.zeros((T, E, N, n_actions), dtype=torch.bool, device=device),  # avail_buf
+        torch.zeros((T, E, N), dtype=torch.long, device=device),  # action_buf
+        torch.zeros((T, E, N), device=device),  # log_prob_buf
+        torch.zeros((T, E, N), device=device),  # value_buf
+        torch.zeros((T, E, N), dtype=torch.long, device=device),  # sigma_buf
+        torch.zeros((T, E), device=device),  # sigma_log_prob_buf
+        torch.zeros((T, E), device=device),  # reward_buf
+        torch.zeros((T, E), device=device),  # done_buf
+        torch.zeros((T, E, N), device=device),  # no_bootstrap
+        torch.zeros((T, E, N), dtype=torch.bool, device=device),  # active_buf
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1318,6 +1370,48 @@ def nonfinite_error(skipped, checkpoint_path):
     )
 
 
+# One seeding scheme for every random stream of a run (orders, actions, shuffles, each env of each rank, rebuilt games,
+# resumed runs). Index 0-3 of the key: which kind of stream it is.
+STREAMS = ("process", "env", "eval_env", "game")
+
+
+def stream_seed(seed, stream, rank=0, index=0, restart=0, start_step=0):
+    """The seed of one random stream, 63 bits (JAX and torch take signed 64-bit ints): numpy's SeedSequence(--seed)
+    keyed by (stream, rank, index: the env, restart: how often that env's game was rebuilt, start_step: the global step
+    this process started from, 0 unless resumed). Distinct keys give independent streams, so no two streams of a run
+    share a seed (sums such as seed + 1000 * env + 1e6 * rank collide), and the same --seed gives the same seeds."""
+    key = (STREAMS.index(stream), rank, index, restart, start_step)
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0]) >> 1
+
+
+def seed_process(seed):
+    """Seed python's, numpy's and torch's global generators (orders, actions, mini-batch shuffles) from one seed."""
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # numpy's legacy generator takes 32-bit words
+    torch.manual_seed(seed)
+
+
+def check_run_dir(run_dir, rank, device):
+    """Exit with one `error:` line, before any env or writer is started, when the run folder cannot be created or
+    written (a path under a file, no permission, a read-only disk). Rank 0 checks (it alone writes); under torchrun
+    every rank learns the answer and exits with it."""
+    problem = None
+    if rank == 0:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=run_dir):
+                pass
+        except OSError as e:
+            problem = f"{e.strerror or type(e).__name__}{f': {e.filename}' if e.filename else ''}"
+    failed = all_reduce_sum(torch.tensor(float(problem is not None), device=device))  # torchrun: tell every rank
+    if failed.item():
+        sys.exit(
+            f"error: the run folder {run_dir} cannot be created or written ({problem}); choose another --run-dir"
+            if rank == 0
+            else 1
+        )
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
@@ -1358,14 +1452,18 @@ if __name__ == "__main__":
             else 1
         )
     args.minibatch_size = args.batch_size // args.num_minibatches  # over all ranks; each rank's: mb_size (step 3)
-    args.num_iterations = args.total_timesteps // args.batch_size
-    if args.num_iterations < 1:
+    # Iterations to run: the step budget left over this batch size; a resumed run counts on from its saved iteration and
+    # step, so a changed --num-envs or --num-steps still ends at --total-timesteps (to within one rollout)
+    done_iterations, start_step = (0, 0) if checkpoint is None else (checkpoint["iteration"], checkpoint["global_step"])
+    args.num_iterations = done_iterations + max(0, args.total_timesteps - start_step) // args.batch_size
+    if checkpoint is None and args.num_iterations < 1:
         sys.exit(
             f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
             f"(num_envs * num_steps = {args.batch_size})"
         )
     run_name = f"{args.map}-{backend}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
     run_dir = args.run_dir or f"runs/{run_name}"
+    check_run_dir(run_dir, rank, device)
     if checkpoint is None and any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
         sys.exit(
             f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
@@ -1397,10 +1495,8 @@ if __name__ == "__main__":
         )
         writer.add_text("backend", backend_text, 0 if checkpoint is None else checkpoint["global_step"] + 1)
 
-    # Seeding: each rank has its own random streams (orders, actions, envs); rank 0's are those of a plain run
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    # Seeding: every rank, env and resume its own random streams (stream_seed); a resumed rank 0 then restores its own
+    seed_process(stream_seed(args.seed, "process", rank, start_step=start_step))
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     # Env setup
@@ -1408,8 +1504,7 @@ if __name__ == "__main__":
         print(backend_text, flush=True)
     if backend == "smax":
         setup_jax(args.jax_cache_dir)
-    env_seed = args.seed + 1_000_000 * rank + (0 if checkpoint is None else checkpoint["global_step"])  # resumed: new battles
-    envs = make_envs(args, backend, args.num_envs // world_size, env_seed)
+    envs = make_envs(args, backend, args.num_envs // world_size, args.seed, rank, start_step)  # resumed: new battles
     n_agents, obs_dim, n_actions = envs.n_agents, envs.obs_dim, envs.n_actions
     if rank == 0:
         print(
@@ -1437,27 +1532,25 @@ if __name__ == "__main__":
 
     # Rollout storage, time-major; E: this rank's envs
     T, E, N = args.num_steps, args.num_envs // world_size, n_agents
-    obs_buf = torch.zeros((T, E, N, obs_dim), device=device)
-    avail_buf = torch.zeros((T, E, N, n_actions), dtype=torch.bool, device=device)
-    action_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)
-    log_prob_buf = torch.zeros((T, E, N), device=device)
-    value_buf = torch.zeros((T, E, N), device=device)  # normalised, as the critic predicts them
-    sigma_buf = torch.zeros((T, E, N), dtype=torch.long, device=device)  # the decision orders
-    sigma_log_prob_buf = torch.zeros((T, E), device=device)
-    reward_buf = torch.zeros((T, E), device=device)
-    done_buf = torch.zeros((T, E), device=device)
-    no_bootstrap = torch.zeros((T, E, N), device=device)  # SMAC: the time limit ends the battle (a loss), no bootstrap
-    active_buf = torch.zeros((T, E, N), dtype=torch.bool, device=device)  # alive agents (see ppo_loss)
+    (
+        obs_buf,
+        avail_buf,
+        action_buf,
+        log_prob_buf,
+        value_buf,
+        sigma_buf,
+        sigma_log_prob_buf,
+        reward_buf,
+        done_buf,
+        no_bootstrap,
+        active_buf,
+    ) = rollout_buffers(T, E, N, obs_dim, n_actions, device)
 
     start_iteration, global_step = 1, 0
     if checkpoint is not None:  # last, so that nothing above draws from the restored RNG streams
         restore_checkpoint(checkpoint, agent, optimizer, value_norm)
         optimizer.param_groups[0]["lr"] = args.learning_rate  # may have changed on resume
         start_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
-        if rank > 0:  # the checkpoint holds rank 0's random streams: the other ranks start new ones
-            random.seed(args.seed + rank + global_step)
-            np.random.seed(args.seed + rank + global_step)
-            torch.manual_seed(args.seed + rank + global_step)
         if rank == 0:
             print(
                 f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "

@@ -110,8 +110,11 @@ def check_config(out_dir: Path, script: str, extra: list[str]):
                 f"asks for {config['script']} with flags {extra}; use another --out-dir to start a new one"
             )
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=1) + "\n")
+        try:  # before any run starts: a folder that cannot be made or written is one line, not a traceback
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(config, indent=1) + "\n")
+        except OSError as e:
+            fail(f"--out-dir {out_dir} cannot be created or written ({e.strerror or type(e).__name__}: {e.filename})")
 
 
 def run_one(script: str, extra: list[str], variant: str, seed: int, run_dir: Path, threads: int, resume: bool = False):

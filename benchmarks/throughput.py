@@ -123,27 +123,76 @@ def interleaved_rates(runner, choosers, steps, rounds):
     return best
 
 
-def decoder_ms_per_step(module, bench, agent_counts, num_envs, obs_dim, act_dim, order="pmat", repeats=200, rounds=7):
-    """Milliseconds per agent.act call (encoder + order + N decoder steps) on synthetic inputs, for each N in
-    agent_counts; the N are timed in turn for several rounds (best round each), so a busy moment hits all alike."""
-    calls = {}
-    for n_agents in agent_counts:
-        agent = module.PMAT(obs_dim, act_dim, order)
-        obs = torch.randn(num_envs, n_agents, obs_dim)
-        avail = torch.ones(num_envs, n_agents, act_dim, dtype=torch.bool)
-        calls[n_agents] = (
-            (lambda a=agent, o=obs, m=avail: a.act(o, m)) if bench == "smac" else (lambda a=agent, o=obs: a.act(o))
-        )
-        for _ in range(20):
-            calls[n_agents]()
-    best = {n: float("inf") for n in agent_counts}
+def sync(device):
+    """Wait for the device's queued kernels (GPU timings are asynchronous); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_ms_per_call(calls, repeats, rounds, device):
+    """{key: milliseconds per call} of each zero-argument call, timed in turn for several rounds (best round each),
+    so that a busy moment hits all alike."""
+    for call in calls.values():  # warm-up (allocations, caches, CUDA kernels loaded)
+        for _ in range(min(repeats, 20)):
+            call()
+    sync(device)
+    best = {key: float("inf") for key in calls}
     for _ in range(rounds):
-        for n, call in calls.items():
+        for key, call in calls.items():
             start = time.perf_counter()
             for _ in range(repeats):
                 call()
-            best[n] = min(best[n], (time.perf_counter() - start) / repeats * 1e3)
+            sync(device)
+            best[key] = min(best[key], (time.perf_counter() - start) / repeats * 1e3)
     return best
+
+
+def decoder_ms_per_step(
+    module, bench, agent_counts, num_envs, obs_dim, act_dim, order="pmat", repeats=200, rounds=7, device="cpu"
+):
+    """Milliseconds per agent.act call (encoder + order + N decoder steps) on synthetic inputs, for each N in
+    agent_counts; the N are timed in turn for several rounds (best round each), so a busy moment hits all alike."""
+    device = torch.device(device)
+    calls = {}
+    for n_agents in agent_counts:
+        agent = module.PMAT(obs_dim, act_dim, order).to(device)
+        obs = torch.randn(num_envs, n_agents, obs_dim, device=device)
+        avail = torch.ones(num_envs, n_agents, act_dim, dtype=torch.bool, device=device)
+        calls[n_agents] = (
+            (lambda a=agent, o=obs, m=avail: a.act(o, m)) if bench == "smac" else (lambda a=agent, o=obs: a.act(o))
+        )
+    return best_ms_per_call(calls, repeats, rounds, device)
+
+
+def update_ms_per_minibatch(module, bench, n_agents, obs_dim, act_dim, minibatch, repeats=10, rounds=3, device="cpu"):
+    """Milliseconds per PPO mini-batch step as the scripts take it (ppo_loss, then guarded_step: backward, clip, fused
+    Adam over the flat parameters) on a synthetic mini-batch of `minibatch` samples from the policy's own rollout."""
+    device = torch.device(device)
+    agent = module.PMAT(obs_dim, act_dim, "pmat").to(device)
+    flat_params = module.flatten_parameters(agent)
+    optimizer = torch.optim.Adam([flat_params], lr=1e-6, eps=1e-5, fused=True)
+    args = module.Args(order="pmat")
+    obs = torch.randn(minibatch, n_agents, obs_dim, device=device)
+    avail = torch.ones(minibatch, n_agents, act_dim, dtype=torch.bool, device=device)
+    action, log_prob, value, sigma, sigma_log_prob = agent.act(obs, avail) if bench == "smac" else agent.act(obs)
+    mb = {
+        "obs": obs,
+        "actions": action,
+        "sigma": sigma,
+        "log_probs": log_prob,
+        "sigma_log_probs": sigma_log_prob,
+        "values": value,
+        "targets": torch.randn(minibatch, n_agents, device=device),
+        "advantages": torch.randn(minibatch, n_agents, device=device),
+    }
+    if bench == "smac":
+        mb["avail"], mb["active"] = avail, torch.ones(minibatch, n_agents, dtype=torch.bool, device=device)
+
+    def step():
+        loss, _ = module.ppo_loss(agent, args, mb)
+        module.guarded_step(optimizer, flat_params, loss, args.max_grad_norm)
+
+    return best_ms_per_call({"update": step}, repeats, rounds, device)["update"]
 
 
 def train_run(script, args, compile_flag=False):

@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -65,26 +66,57 @@ def assert_compiled_loss_equals_eager(module, agent, flat, inputs):
     assert grad_e.abs().max() > 1e-3 and stats_e[2].abs() > 0  # real gradients, and the ranking loss is in play
 
 
-def gfootball_problem():
-    """None if gfootball imports (engine included), else why not."""
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # old gym's upgrade notice
-            import gfootball.env  # noqa: F401
-            import gfootball_engine  # noqa: F401
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
+def import_problem(*modules):
+    """None if every module imports, else why the first that fails does not (any error: a broken build counts too)."""
+    for module in modules:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():  # old gym's notice, protobuf's
+                warnings.simplefilter("ignore", DeprecationWarning)
+                __import__(module)
+        except Exception as error:
+            return f"{module}: {type(error).__name__}: {error}"
     return None
 
 
-GRF_PROBLEM = gfootball_problem()
+# The optional parts: what each needs, and the README's command that installs it (section "Set-up in two commands").
+# The tests that need a part are marked with it (pytest -m grf / -m sc2 selects them; see pytest_collection_modifyitems).
+OPTIONAL_PARTS = {
+    "grf": (("gfootball.env", "gfootball_engine"), "bash scripts/install_grf.sh"),
+    "sc2": (
+        ("s2clientprotocol", "pysc2", "smac.env"),
+        "pip install -r requirements-sc2.txt, then SMAC v1 (README: 'Optional parts')",
+    ),
+}
+PROBLEMS = {part: import_problem(*modules) for part, (modules, _) in OPTIONAL_PARTS.items()}
+GRF_PROBLEM = PROBLEMS["grf"]
+
+
+def require(part):
+    """Skip the calling test when an optional part is missing, with the command that installs it; under CI=true fail
+    instead (.ci/run installs every part before it runs the tests marked with it)."""
+    if PROBLEMS[part] is None:
+        return
+    message = f"optional part {part!r} is not installed ({PROBLEMS[part]}); install it with `{OPTIONAL_PARTS[part][1]}`"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {message} (.ci/run is expected to do that)")
+    pytest.skip(message)
 
 
 @pytest.fixture
 def grf():
-    """Use in every test that needs the real engine: skips without gfootball, fails under CI=true (.ci/run installs it)."""
-    if GRF_PROBLEM is None:
-        return
-    message = f"gfootball is not importable ({GRF_PROBLEM}); install it with `bash scripts/install_grf.sh`"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true and {message} (.ci/run is expected to do that)")
-    pytest.skip(message)
+    """Use in every test that needs the real Football engine."""
+    require("grf")
+
+
+@pytest.fixture
+def sc2():
+    """Use in every test that needs SMAC v1, pysc2 and s2clientprotocol (the real StarCraft II path's libraries)."""
+    require("sc2")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the grf or sc2 fixture gets that marker too, so `-m "grf or sc2"` selects exactly those."""
+    for item in items:
+        for part in OPTIONAL_PARTS:
+            if part in item.fixturenames:
+                item.add_marker(part)

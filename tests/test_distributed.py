@@ -58,7 +58,7 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("script", list(TINY))
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.grf) if s == "pmat_grf.py" else s for s in TINY])
 def test_each_script_runs_under_torchrun(script, tmp_path, request):
     """2 ranks: exit 0, one event file (rank 0 alone logs), the step counter counts both ranks' env steps, and the
     ranks' weights are identical at the end (the script checks it with a broadcast and reports)."""

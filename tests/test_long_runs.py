@@ -382,3 +382,121 @@ def test_smac_resume_on_smax(tmp_path):
     assert logged_steps(run_dir) == [40, 80] and logged_steps(run_dir, "losses/policy_loss") == [40, 80]
     checkpoint = load(run_dir / "checkpoint.pt")
     assert checkpoint["backend"] == "smax" and checkpoint["optimizer"]["state"][0]["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 21: resume keeps the step budget, seeds never collide, an unusable run folder is refused up front
+# ---------------------------------------------------------------------------------------------------------------
+def test_resume_with_half_the_envs_ends_at_the_same_step_count(tmp_path, one_iteration):
+    """One iteration at 2 envs x 50 steps (100 steps), resumed with --num-envs 1 (50 steps per iteration) for a budget
+    of 300 steps: 4 more iterations, the run ends at step 300 as an uninterrupted run at 2 envs does (3 x 100), the
+    iteration counter counts on from the checkpoint, and every logged step is new and in order."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_iteration, run_dir)  # train(run_dir, 1): iteration 1, step 100
+    result = run_script("pmat_mamujoco.py", "--resume", str(run_dir), "--num-envs", "1", "--total-timesteps", "300")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "resuming with changed flags: --total-timesteps 100 -> 300, --num-envs 2 -> 1" in result.stdout
+    assert f"resumed from {run_dir / 'checkpoint.pt'} at iteration 1/5, step 100" in result.stdout
+    final = load(run_dir / "checkpoint.pt")
+    assert (final["iteration"], final["global_step"], final["args"]["batch_size"]) == (5, 300, 50)
+    assert logged_steps(run_dir) == [100, 150, 200, 250, 300]
+    uninterrupted = tmp_path / "whole"
+    train(uninterrupted, 3)
+    assert load(uninterrupted / "checkpoint.pt")["global_step"] == final["global_step"]
+
+
+def test_resume_past_the_budget_trains_nothing(tmp_path, one_iteration):
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_iteration, run_dir)
+    result = run_script("pmat_mamujoco.py", "--resume", str(run_dir), "--num-envs", "1", "--total-timesteps", "120")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nothing left to train" in result.stdout and load(run_dir / "checkpoint.pt")["iteration"] == 1
+
+
+def test_the_seeds_of_every_stream_are_distinct():
+    """Every stream of a 2-rank run with 4 envs per rank, 3 rebuilt SC2 games per env and 2 resumes: no seed is used
+    twice (the old sums, seed + 1e6 * rank + 1000 * env + 1e6 * restarts, gave rank 1's game 0 the seed of rank 0's
+    game 0 after one restart). Also: the same key gives the same seed, and another --seed other seeds."""
+    seeds = []
+    for start_step in (0, 4_000, 8_000):  # the fresh run and two resumes
+        for rank in range(2):
+            seeds.append(pm.stream_seed(1, "process", rank, start_step=start_step))
+            for e in range(4):
+                seeds.append(pm.stream_seed(1, "env", rank, e, 0, start_step))
+                seeds.append(pm.stream_seed(1, "eval_env", rank, e, 0, start_step))
+                seeds += [pm.stream_seed(1, "game", rank, e, restart, start_step) for restart in range(4)]
+    assert len(seeds) == len(set(seeds)) == 3 * 2 * (1 + 4 * 6)
+    assert all(0 <= s < 2**63 for s in seeds)  # JAX and torch take signed 64-bit seeds
+    assert len({s % 2**32 for s in seeds}) == len(seeds)  # SC2 takes 32 bits: no collision here either
+    assert pm.stream_seed(1, "env", 1, 2) == ps.stream_seed(1, "env", 1, 2) == pg.stream_seed(1, "env", 1, 2)
+    assert pm.stream_seed(2, "env", 1, 2) != pm.stream_seed(1, "env", 1, 2)
+    old = lambda rank, env, restarts: 1 + 1_000_000 * rank + 1000 * env + 1_000_000 * restarts  # noqa: E731
+    assert old(1, 0, 0) == old(0, 0, 1)  # the collision the scheme removes
+
+
+def test_sc2_games_get_their_seeds_from_the_scheme(monkeypatch):
+    """Sc2VecEnv's game seeds, start and rebuild, with the worker processes replaced by a recorder (no game here)."""
+    started = []
+
+    class Recorder:
+        def __init__(self, target, args, daemon):
+            started.append(args[2])  # sc2_worker(conn, map_name, seed, ...)
+
+        def start(self):
+            pass
+
+    context = ps.multiprocessing.get_context("spawn")
+    monkeypatch.setattr(context, "Process", Recorder)
+    env = ps.Sc2VecEnv.__new__(ps.Sc2VecEnv)
+    env.map_name, env.seed, env.rank, env.start_step, env.options = "3m", 7, 1, 500, (True, True)
+    env.conns, env.workers, env.restarts = [None] * 2, [None] * 2, 0
+    env._start(0), env._start(1)
+    env.restarts = 1
+    env._start(0)
+    assert started == [ps.stream_seed(7, "game", 1, e, r, 500) % 2**32 for e, r in ((0, 0), (1, 0), (0, 1))]
+
+
+def leftover_processes(marker):
+    """Processes (other than this one) whose command line contains marker: env workers a failed run left behind."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read() and int(pid) != os.getpid():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("pmat_mamujoco.py", []),
+        ("pmat_smac.py", ["--map", "3m", "--backend", "smax"]),
+        pytest.param("pmat_grf.py", [], marks=pytest.mark.grf),
+    ],
+)
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, request, script, flags):
+    """--run-dir under an existing file: one `error:` line naming the folder and the reason, before any env starts
+    (no env worker is left behind), and nothing written."""
+    if script == "pmat_grf.py":
+        request.getfixturevalue("grf")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    run_dir = blocker / "run"
+    result = run_script(script, *flags, "--run-dir", str(run_dir), "--num-envs", "2", timeout=300)
+    line = one_error_line(result, alone=False)
+    reason = f"(Not a directory: {run_dir}); choose another --run-dir"
+    assert line == f"error: the run folder {run_dir} cannot be created or written {reason}"
+    assert "logging to" not in result.stdout and leftover_processes(str(run_dir)) == []
+
+
+def test_an_ablation_folder_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "x"
+    result = run_script("rmat_ablation.py", "--out-dir", str(out), "--", "--total-timesteps", "100")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+    assert lines[0] == f"rmat_ablation.py: error: --out-dir {out} cannot be created or written (Not a directory: {out})"

@@ -15,25 +15,23 @@ import subprocess
 import sys
 import time
 
-import fake_sc2
 import numpy as np
 import pytest
 from conftest import ROOT, read_scalars, run_script
 
 import pmat_smac as ps
 
-try:
-    import smac.env  # noqa: F401  (SMAC v1)
-except ImportError:
-    if os.environ.get("CI"):
-        raise  # CI installs SMAC v1 (.ci/run): these tests must run there
-    pytest.skip("SMAC v1 is not installed (pip install -r requirements-sc2.txt and SMAC, see README)", allow_module_level=True)
+# Every test here needs SMAC v1, pysc2 and s2clientprotocol: skipped without them (with the command that installs
+# them), a failure under CI=true (conftest.require). fake_sc2 imports s2clientprotocol, so it is imported only inside.
+pytestmark = pytest.mark.usefixtures("sc2")
 
 
 @pytest.fixture()
-def fake_game(tmp_path, monkeypatch):
+def fake_game(sc2, tmp_path, monkeypatch):
     """A fake StarCraft II install as SC2PATH, and a helper that sets the fake's fault for the games launched next;
     yields the folder where every fake game logs its launch (<pid>.launch)."""
+    import fake_sc2
+
     monkeypatch.setenv("SC2PATH", fake_sc2.make_sc2path(str(tmp_path / "StarCraftII"), maps=("3m",)))
     log_dir = tmp_path / "launches"
     log_dir.mkdir()

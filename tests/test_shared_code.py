@@ -44,6 +44,9 @@ SHARED = [
     "restore_checkpoint",
     "guarded_step",
     "nonfinite_error",
+    "stream_seed",
+    "seed_process",
+    "check_run_dir",
 ]
 
 

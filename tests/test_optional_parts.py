@@ -1,0 +1,98 @@
+"""The suite on a machine without the optional parts (Football, the StarCraft II libraries), as a newcomer has it
+after the README's set-up block: every test module still imports, the optional parts' tests are skipped with the
+command that installs them, and under CI=true a missing part fails instead.
+
+The optional packages are hidden from a child pytest with a `sitecustomize` on PYTHONPATH that makes their import
+fail (as on a machine that never installed them), so this runs on a machine that has them too."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import OPTIONAL_PARTS, ROOT
+
+HIDDEN = ("gfootball", "gfootball_engine", "smac", "pysc2", "s2clientprotocol")
+BLOCKER = f"""
+import importlib.abc, sys
+
+class HideOptionalParts(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HIDDEN!r}:
+            raise ImportError(f"No module named {{name!r}} (hidden by the test's sitecustomize)")
+        return None
+
+sys.meta_path.insert(0, HideOptionalParts())
+"""
+
+
+def child_pytest(tmp_path, *flags, hide=True, ci=False):
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTHONPATH")}
+    if hide:
+        (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+        env["PYTHONPATH"] = str(tmp_path)
+    if ci:
+        env["CI"] = "true"
+    command = [sys.executable, "-m", "pytest", "tests", "-p", "no:cacheprovider", *flags]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def collected(result):
+    return sorted(line for line in result.stdout.splitlines() if "::" in line)
+
+
+def test_the_blocker_really_hides_the_packages(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    code = "import importlib\nfor m in ('gfootball', 'smac.env', 'pysc2', 's2clientprotocol'):\n" + (
+        "    try:\n        importlib.import_module(m); print('imported', m)\n    except ImportError: print('hidden', m)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == "hidden gfootball hidden smac.env hidden pysc2 hidden s2clientprotocol".split()
+
+
+def test_every_module_collects_without_the_optional_parts(tmp_path):
+    """The same tests are collected with the optional packages hidden as with whatever this machine has: no module
+    needs an optional package at import time."""
+    hidden = child_pytest(tmp_path, "--collect-only", "-q")
+    assert hidden.returncode == 0, hidden.stdout[-3000:] + hidden.stderr[-3000:]
+    visible = child_pytest(tmp_path, "--collect-only", "-q", hide=False)
+    assert visible.returncode == 0, visible.stdout[-3000:] + visible.stderr[-3000:]
+    assert collected(hidden) == collected(visible) and len(collected(hidden)) > 100
+
+
+def test_optional_tests_are_skipped_with_the_install_command(tmp_path):
+    """Without the parts, every test marked grf or sc2 is skipped (none fails, none passes), and the skip reasons
+    name the README commands that install them."""
+    result = child_pytest(tmp_path, "-q", "-rs", "-m", "grf or sc2")
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    summary = out.strip().splitlines()[-1]
+    assert " skipped" in summary and "passed" not in summary and "failed" not in summary and "error" not in summary
+    skips = [line for line in out.splitlines() if line.startswith("SKIPPED")]
+    for part, (_, command) in OPTIONAL_PARTS.items():
+        assert any(f"optional part {part!r} is not installed" in line and command in line for line in skips), part
+
+
+@pytest.mark.parametrize("part, test", [("sc2", "test_sc2.py::test_smac_map_list_is_smac_v1s"), ("grf", "test_grf.py")])
+def test_a_missing_part_fails_under_ci(tmp_path, part, test):
+    """.ci/run installs every part before it runs their tests: there a missing part is an error, not a skip."""
+    result = child_pytest(tmp_path, "-q", "-m", part, "-x", f"tests/{test}", ci=True)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert f"CI=true and optional part {part!r} is not installed" in result.stdout
+
+
+def test_ci_runs_the_readme_blocks_as_written():
+    """.ci/run takes its set-up and optional-part commands from the README's tagged blocks (so the two cannot drift):
+    the blocks hold the commands a newcomer is told to type, and .ci/run runs them, not copies of them."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from readme_commands import readme_block
+
+    setup = [line.split("#")[0].strip() for line in readme_block("setup")]
+    assert setup == ["pip install torch==2.13.0", "pip install -r requirements.txt", "python -m pytest tests -q"]
+    optional = [line.split("#")[0].strip() for line in readme_block("optional")]
+    assert "bash scripts/install_grf.sh" in optional and "pip install -r requirements-sc2.txt" in optional
+    assert optional[-1] == 'python -m pytest tests -q -m "grf or sc2 or render"'
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert "readme_commands.py setup" in ci and "readme_commands.py optional" in ci
+    assert "pytest" not in ci  # no test command of its own: only the README's
