@@ -185,6 +185,16 @@ def make_mamujoco(scenario, agent_conf, agent_obsk):
         parts, edges, global_nodes = mamujoco_v1.get_parts_and_edges("Ant", "4x2")
         factorization = {"partition": [(joint,) for part in parts for joint in part], "edges": edges, "globals": global_nodes}
         return mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, agent_factorization=factorization)
+    if scenario == "Pusher":
+        # gymnasium-robotics 1.4 labels the shoulder's two joints "r_wrist_roll_joint", as the wrist's: an agent's
+        # observation lists its neighbour joints sorted by label, so these three came in an order that changed from
+        # one env instance to the next (a set's order). Their real names make the order the same in every instance.
+        parts, edges, global_nodes = mamujoco_v1.get_parts_and_edges("Pusher", "3p")
+        names = {0: "r_shoulder_pan_joint", 1: "r_shoulder_lift_joint"}  # by actuator id
+        for joint in (joint for part in parts for joint in part):
+            joint.label = names.get(joint.act_ids, joint.label)
+        factorization = {"partition": parts, "edges": edges, "globals": global_nodes}
+        return mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, agent_factorization=factorization)
     return mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk)
 
 

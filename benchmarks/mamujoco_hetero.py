@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import pmat_mamujoco as pm  # noqa: E402
 
-BEFORE = "bb83dd0"  # the last commit before agents of different sizes
+BEFORE = "b5b384ed55f0"  # the last commit before agents of different sizes
 
 
 @dataclass
