@@ -18,7 +18,9 @@ import pmat_mamujoco as pm
 
 ORDERS = ["pmat", "mat", "rmat"]
 HETERO = [("Humanoid", "9|8", [9, 8], 244), ("HumanoidStandup", "9|8", [9, 8], 244), ("Pusher", "3p", [3, 1, 3], 17)]
-BEFORE = "b5b384ed55f0"  # the last commit before agents of different sizes: its pmat_mamujoco.py refused them
+# The last commit before agents of different sizes (its pmat_mamujoco.py refused them). The equal splits' numbers
+# are compared with its code: a later change that alters them on purpose moves BEFORE to the commit before it.
+BEFORE = "b5b384ed55f0"
 
 
 def hetero_agent(order, act_dims, obs_dim=7, seed=0):
@@ -230,6 +232,10 @@ def test_script_runs_saves_and_reloads(scenario, conf, act_dims, obs_dim, tmp_pa
         and agent.decoder.std_logit.shape == (len(act_dims), 9 if conf == "9|8" else 3)
     )
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["act_dims"] == act_dims
+    env = pm.MaMuJoCoEnv(scenario, conf, agent_obsk=2)
+    action = agent.act(torch.as_tensor(env.reset(seed=0)[0]).unsqueeze(0), deterministic=True)[0][0]  # (N, A)
+    env.close()
+    assert all(torch.all(action[i, d:] == 0) and torch.all(action[i, :d] != 0) for i, d in enumerate(act_dims))
 
 
 def test_split_validation_lists_the_new_splits():
