@@ -79,7 +79,8 @@ class Args:
     scenario: str = "Ant"
     """the MuJoCo robot (see MAMUJOCO_SPLITS below)"""
     agent_conf: str = "4x2"
-    """how the robot's joints are split into agents, e.g. 4x2 = 4 agents with 2 joints each"""
+    """how the robot's joints are split into agents, e.g. 4x2 = 4 agents with 2 joints each, Humanoid 9|8 = agents of
+    9 and 8 joints"""
     agent_obsk: int = 2
     """each agent observes the joints up to this many graph hops away"""
     async_envs: bool = True
@@ -138,8 +139,9 @@ class Args:
 # ---------------------------------------------------------------------------------------------------------------
 # Environment: Multi-Agent MuJoCo (gymnasium-robotics mamujoco_v1, a PettingZoo parallel env)
 # ---------------------------------------------------------------------------------------------------------------
-# Agent splits this script runs (all agents of a split have the same action size). Ant 8x1, one agent per joint,
-# is not built in: it is made from the 4x2 graph by giving every joint its own agent.
+# Agent splits this script runs. Ant 8x1, one agent per joint, is not built in: it is made from the 4x2 graph by
+# giving every joint its own agent. Humanoid and HumanoidStandup 9|8 (upper body 9 joints, legs 8) and Pusher 3p
+# (3, 1 and 3 joints) have agents of different action sizes: actions are padded to the largest (see PMAT).
 MAMUJOCO_SPLITS = {
     "Ant": ["2x4", "2x4d", "4x2", "8x1"],
     "HalfCheetah": ["2x3", "6x1"],
@@ -147,6 +149,9 @@ MAMUJOCO_SPLITS = {
     "Walker2d": ["2x3"],
     "Swimmer": ["2x1"],
     "Reacher": ["2x1"],
+    "Humanoid": ["9|8"],
+    "HumanoidStandup": ["9|8"],
+    "Pusher": ["3p"],
 }
 
 
@@ -186,6 +191,16 @@ def make_mamujoco(scenario, agent_conf, agent_obsk):
         parts, edges, global_nodes = mamujoco_v1.get_parts_and_edges("Ant", "4x2")
         factorization = {"partition": [(joint,) for part in parts for joint in part], "edges": edges, "globals": global_nodes}
         return mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, agent_factorization=factorization)
+    if scenario == "Pusher":
+        # gymnasium-robotics 1.4 labels the shoulder's two joints "r_wrist_roll_joint", as the wrist's: an agent's
+        # observation lists its neighbour joints sorted by label, so these three came in an order that changed from
+        # one env instance to the next (a set's order). Their real names make the order the same in every instance.
+        parts, edges, global_nodes = mamujoco_v1.get_parts_and_edges("Pusher", "3p")
+        names = {0: "r_shoulder_pan_joint", 1: "r_shoulder_lift_joint"}  # by actuator id
+        for joint in (joint for part in parts for joint in part):
+            joint.label = names.get(joint.act_ids, joint.label)
+        factorization = {"partition": parts, "edges": edges, "globals": global_nodes}
+        return mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, agent_factorization=factorization)
     return mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk)
 
 
@@ -193,8 +208,11 @@ class MaMuJoCoEnv(gym.Env):
     """All agents of one MaMuJoCo task as one gymnasium env, so that gymnasium's vector envs can batch it.
 
     obs (N, obs_dim) float32, each agent's observation zero-padded to the largest; action (N, act_dim), clipped
-    to the action box; reward: the shared team reward; info["state"]: the global state (S,), not used by PMAT (its
-    encoder reads the observations only, as the reference's). Termination (the robot fell) and truncation (the
+    to the action box, of which agent i's first act_dims[i] entries reach the env (an agent with fewer joints than
+    act_dim: its padded entries are dropped; their box is its first joint's, as a [0, 0] box would be degenerate
+    for gymnasium's checker; the policy puts 0 there); reward: the shared team reward;
+    info["state"]: the global state (S,), not used by PMAT (its encoder reads the observations only, as the
+    reference's). Termination (the robot fell) and truncation (the
     1000-step time limit) are kept apart; the vector env resets after either.
     """
 
@@ -202,9 +220,14 @@ class MaMuJoCoEnv(gym.Env):
         self.env = make_mamujoco(scenario, agent_conf, agent_obsk)
         self.agents = self.env.possible_agents
         self.obs_dims = [self.env.observation_space(a).shape[0] for a in self.agents]
-        act_dim = self.env.action_space(self.agents[0]).shape[0]
-        self.low = np.stack([self.env.action_space(a).low for a in self.agents])  # (N, A)
-        self.high = np.stack([self.env.action_space(a).high for a in self.agents])  # (N, A)
+        self.act_dims = [self.env.action_space(a).shape[0] for a in self.agents]  # each agent's joints
+        act_dim = max(self.act_dims)
+        self.low = np.zeros((len(self.agents), act_dim), np.float32)  # (N, A)
+        self.high = np.zeros((len(self.agents), act_dim), np.float32)  # (N, A)
+        for i, agent in enumerate(self.agents):
+            space = self.env.action_space(agent)
+            self.low[i], self.high[i] = space.low[0], space.high[0]  # the padded entries: the first joint's box
+            self.low[i, : self.act_dims[i]], self.high[i, : self.act_dims[i]] = space.low, space.high
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (len(self.agents), max(self.obs_dims)), np.float32)
         self.action_space = gym.spaces.Box(self.low, self.high, (len(self.agents), act_dim), np.float32)
 
@@ -221,7 +244,8 @@ class MaMuJoCoEnv(gym.Env):
 
     def step(self, action):
         action = np.clip(action, self.low, self.high)  # Gaussian samples may leave the box
-        obs, rewards, terminations, truncations, _ = self.env.step({a: action[i] for i, a in enumerate(self.agents)})
+        real = {a: action[i, : self.act_dims[i]] for i, a in enumerate(self.agents)}  # each agent's own joints only
+        obs, rewards, terminations, truncations, _ = self.env.step(real)
         first = self.agents[0]  # the reward is shared and all agents end together
         info = {"state": self.env.state().astype(np.float32)}
         return self._obs(obs), float(rewards[first]), bool(terminations[first]), bool(truncations[first]), info
@@ -378,9 +402,10 @@ class ScoringBlock(nn.Module):
 class Decoder(nn.Module):
     """Continuous actions: input at position k is the action of position k-1 (zeros at k = 0); output is the mean
     of the Gaussian of position k's agent, sigma(k). The std is learned and state-independent:
-    std = 0.5 * sigmoid(std_logit) (MAT's log_std parameter; it is not a log)."""
+    std = 0.5 * sigmoid(std_logit) (MAT's log_std parameter; it is not a log), one per action dimension (A,),
+    shared by the agents; per_agent_std=N: one per agent and dimension (N, A) (agents of different sizes, see PMAT)."""
 
-    def __init__(self, act_dim, n_embd, n_head, n_block):
+    def __init__(self, act_dim, n_embd, n_head, n_block, per_agent_std=None):
         super().__init__()
         self.action_encoder = nn.Sequential(layer_init(nn.Linear(act_dim, n_embd), GELU_GAIN), nn.GELU())
         self.ln = nn.LayerNorm(n_embd)
@@ -391,7 +416,7 @@ class Decoder(nn.Module):
             nn.LayerNorm(n_embd),
             layer_init(nn.Linear(n_embd, act_dim)),
         )
-        self.std_logit = nn.Parameter(torch.ones(act_dim))
+        self.std_logit = nn.Parameter(torch.ones(act_dim) if per_agent_std is None else torch.ones(per_agent_std, act_dim))
 
     def forward(self, prev_action, rep):  # (B, L, A) shifted actions, (B, L, C) encodings, in decision order
         x = self.ln(self.action_encoder(prev_action))  # (B, L, C)
@@ -400,7 +425,7 @@ class Decoder(nn.Module):
         return self.head(x)  # (B, L, A) action means
 
     def std(self):
-        return 0.5 * torch.sigmoid(self.std_logit)  # (A,)
+        return 0.5 * torch.sigmoid(self.std_logit)  # (A,), or (N, A) per agent
 
 
 # Speed-up for the rollout: key/value-cached decoding, with the same outputs as Decoder.forward (a test compares
@@ -440,27 +465,49 @@ def decoder_step(decoder, prev_action, rep, caches, pos):  # position pos-1's ac
     return decoder.head(x)  # (B, A)
 
 
-def gaussian_log_prob(action, mean, std):
-    """log N(action | mean, std^2) summed over action dimensions: (..., A) -> (...)."""
-    return (-0.5 * ((action - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+def gaussian_log_prob(action, mean, std, mask=None):
+    """log N(action | mean, std^2) summed over action dimensions: (..., A) -> (...). mask (..., A) bool: sum over
+    the real dimensions only (padded ones add exactly 0 and pass no gradient back)."""
+    log_density = -0.5 * ((action - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return (log_density if mask is None else torch.where(mask, log_density, 0.0)).sum(-1)
 
 
-def gaussian_entropy(std):
-    """Entropy of a diagonal Gaussian, summed over action dimensions (it does not depend on the mean)."""
-    return (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(std)).sum(-1)
+def gaussian_entropy(std, mask=None):
+    """Entropy of a diagonal Gaussian, summed over action dimensions (it does not depend on the mean); mask as in
+    gaussian_log_prob."""
+    entropy = 0.5 + 0.5 * math.log(2 * math.pi) + torch.log(std)
+    return (entropy if mask is None else torch.where(mask, entropy, 0.0)).sum(-1)
 
 
 class PMAT(nn.Module):
     """MAT + AGPS. The encoder gives each agent an encoding and a value; the scoring block (PMAT only) turns the
     encodings into Plackett-Luce log-weights, from which the decision order sigma is drawn (eq. 8, 11); the decoder
-    then acts agent by agent in that order (eq. 6). act() is the rollout, evaluate_actions() the training pass."""
+    then acts agent by agent in that order (eq. 6). act() is the rollout, evaluate_actions() the training pass.
 
-    def __init__(self, obs_dim, act_dim, order="pmat", n_embd=64, n_head=1, n_block=1):
+    Agents of different action sizes (act_dims, e.g. Humanoid 9|8: [9, 8]): every action is padded to
+    act_dim = max(act_dims), and action_mask (N, A) marks agent i's real dimensions, its first act_dims[i]. The padded
+    entries of an action are 0: in the stored action and so in the next position's decoder input. The Gaussian
+    log-prob and entropy sum over the real dimensions only, so the head's output at a padded dimension is never used
+    and gets exactly no gradient: the network need not know which dimensions are padded. In the rollout the mask and
+    the std are reordered by sigma with the encodings; the training pass scores in agent order, where they already are.
+    Which agent sits at position k the network knows as for equal sizes, whose agents carry no id either (MAT's
+    parameter sharing): the head reads position k's encoding, made from agent sigma(k)'s own observation, whose layout
+    is the agent's own (its joints first; a zero-padded one ends in zeros), so the mean of dimension j can drive each
+    agent's own joint j. The std is the one part that sees no observation: shared per dimension (MAT's), it would tie
+    the upper body's joint j to the legs' joint j, so with different sizes it is one per agent and dimension (N, A)
+    (its padded entries get no gradient). With equal sizes (act_dims None or all equal) none of this is built and the
+    numbers are those of MAT's shared std, unchanged."""
+
+    def __init__(self, obs_dim, act_dim, order="pmat", n_embd=64, n_head=1, n_block=1, act_dims=None):
         super().__init__()
         self.order_mode, self.act_dim = order, act_dim
+        self.act_dims = None if act_dims is None or all(d == act_dim for d in act_dims) else list(act_dims)
         self.encoder = Encoder(obs_dim, n_embd, n_head, n_block)
-        self.decoder = Decoder(act_dim, n_embd, n_head, n_block)
+        per_agent_std = None if self.act_dims is None else len(self.act_dims)
+        self.decoder = Decoder(act_dim, n_embd, n_head, n_block, per_agent_std)
         self.scorer = ScoringBlock(n_embd) if order == "pmat" else None  # MAT and rMAT learn no order
+        mask = None if self.act_dims is None else torch.arange(act_dim) < torch.tensor(self.act_dims).unsqueeze(1)
+        self.register_buffer("action_mask", mask, persistent=False)  # (N, A) bool; None: every dimension is real
 
     def get_value(self, obs):  # (B, N, obs_dim) -> (B, N), the critic's per-agent values (normalised, see ValueNorm)
         return self.encoder(obs)[1]
@@ -484,7 +531,7 @@ class PMAT(nn.Module):
 
     def act(self, obs, deterministic=False):
         """Rollout. obs (B, N, obs_dim) -> actions (B, N, A), log-probs (B, N) and values (B, N) in agent order,
-        the decision order sigma (B, N) and its log-prob (B,)."""
+        the decision order sigma (B, N) and its log-prob (B,). Padded action dimensions (see above) hold 0."""
         with torch.inference_mode():  # speed: like no_grad, but cheaper per op (the rollout is bound by per-op overhead)
             rep, value = self.encoder(obs)
             sigma, sigma_log_prob = self.decision_order(rep, deterministic)
@@ -496,16 +543,22 @@ class PMAT(nn.Module):
             # which runs positions 0..k again at every k. Speed-up, same outputs: decoder_step runs position k alone
             # and reads the keys and values of positions < k from a cache (the functions after Decoder).
             caches = new_caches(self.decoder, B, N)
-            std = self.decoder.std()
+            std, mask = self.decoder.std(), self.action_mask  # (A,) and None: every agent has all A dimensions
+            if mask is not None:  # agents of different sizes: (N, A) each -> (B, N, A), in decision order like rep_sigma
+                std, mask = std[sigma], mask[sigma]
             prev_action = torch.zeros(B, self.act_dim, device=obs.device)  # the decoder input at k = 0
             means, actions = [], []
             for k in range(N):
                 mean = decoder_step(self.decoder, prev_action, rep_sigma[:, k], caches, k)  # (B, A)
-                prev_action = mean if deterministic else mean + std * torch.randn_like(mean)  # agent sigma(k+1) sees it
+                if mask is None:
+                    prev_action = mean if deterministic else mean + std * torch.randn_like(mean)  # agent sigma(k+1) sees it
+                else:  # the padded dimensions of agent sigma(k) are 0, in what sigma(k+1) sees and in what is stored
+                    sample = mean if deterministic else mean + std[:, k] * torch.randn_like(mean)
+                    prev_action = torch.where(mask[:, k], sample, 0.0)
                 means.append(mean)
                 actions.append(prev_action)
             mean, action = torch.stack(means, 1), torch.stack(actions, 1)  # (B, N, A), in decision order
-            log_prob = gaussian_log_prob(action, mean, std)  # (B, N)
+            log_prob = gaussian_log_prob(action, mean, std, mask)  # (B, N)
             inverse = torch.argsort(sigma, dim=1)  # inverse[b, i] = position of agent i in the order
             outputs = gather_agents(action, inverse), gather_agents(log_prob, inverse), value, sigma, sigma_log_prob
         return tuple(x.clone() for x in outputs)  # inference tensors -> ordinary ones (autograd refuses the former)
@@ -517,13 +570,16 @@ class PMAT(nn.Module):
         log P(sigma) (B,). avail: SMAC's action masks, unused here (the argument keeps ppo_loss the same in the three
         scripts)."""
         rep, value = self.encoder(obs)
+        mask = self.action_mask  # None, or (N, A) in agent order
+        if mask is not None:  # padded dimensions: 0 in the decoder input, as in the rollout (which stored 0 there)
+            actions = torch.where(mask, actions, 0.0)
         actions_sigma = gather_agents(actions, sigma)  # (B, N, A), in decision order
         prev_action = torch.cat([torch.zeros_like(actions_sigma[:, :1]), actions_sigma[:, :-1]], dim=1)  # shifted right
         mean_sigma = self.decoder(prev_action, gather_agents(rep, sigma))  # (B, N, A), in decision order
         mean = gather_agents(mean_sigma, torch.argsort(sigma, dim=1))  # (B, N, A), back in agent order
-        std = self.decoder.std()
-        entropy = gaussian_entropy(std).expand(mean.shape[:2])  # (B, N)
-        return gaussian_log_prob(actions, mean, std), entropy, value, self.sigma_log_prob(rep, sigma)
+        std = self.decoder.std()  # (A,), or (N, A) in agent order
+        entropy = gaussian_entropy(std, mask).expand(mean.shape[:2])  # (B, N)
+        return gaussian_log_prob(actions, mean, std, mask), entropy, value, self.sigma_log_prob(rep, sigma)
 
     def load_state_dict(self, state_dict, *args, **kwargs):
         """nn.Module.load_state_dict, also for checkpoints from before Decoder.log_std was renamed std_logit."""
@@ -766,8 +822,8 @@ def evaluate_policy(agent, envs, episodes, device):
 def load_agent(path, device="cpu"):
     """Rebuild a trained agent from a `--save-model` checkpoint -> (agent, the run's args as a dict)."""
     checkpoint = torch.load(path, map_location=device, weights_only=True)  # tensors and plain values only
-    a = checkpoint["args"]
-    agent = PMAT(checkpoint["obs_dim"], checkpoint["act_dim"], a["order"], a["n_embd"], a["n_head"], a["n_block"])
+    a, act_dims = checkpoint["args"], checkpoint.get("act_dims")  # no act_dims: a file from before (equal sizes)
+    agent = PMAT(checkpoint["obs_dim"], checkpoint["act_dim"], a["order"], a["n_embd"], a["n_head"], a["n_block"], act_dims)
     agent.load_state_dict(checkpoint["model"])
     return agent.to(device).eval(), a
 
@@ -1260,7 +1316,8 @@ if __name__ == "__main__":
             f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
             f"(num_envs * num_steps = {args.batch_size})"
         )
-    run_name = f"{args.scenario}-{args.agent_conf}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
+    split = args.agent_conf.replace("|", "-")  # 9|8 -> 9-8: no shell pipe character in the folder name
+    run_name = f"{args.scenario}-{split}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
     run_dir = args.run_dir or f"runs/{run_name}"
     check_run_dir(run_dir, rank, device)
     if checkpoint is None and any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
@@ -1299,19 +1356,21 @@ if __name__ == "__main__":
     envs = make_envs(args, args.num_envs // world_size, async_envs)
     n_agents, obs_dim = envs.single_observation_space.shape
     act_dim = envs.single_action_space.shape[1]
+    act_dims = envs.get_attr("act_dims")[0]  # each agent's joints; act_dim, the largest, is the padded size
     eval_envs = None
     if args.eval_interval > 0 and rank == 0:
         eval_envs = make_envs(args, min(args.num_envs, args.eval_episodes), async_envs)
         eval_envs.reset(seed=[stream_seed(args.seed, "eval_env", 0, e, 0, start_step) for e in range(eval_envs.num_envs)])
     if rank == 0:
         print(
-            f"{args.scenario} {args.agent_conf}: {n_agents} agents, obs {obs_dim}, actions {act_dim}; order={args.order}; "
+            f"{args.scenario} {args.agent_conf}: {n_agents} agents, obs {obs_dim}, actions {act_dim}"
+            f"{'' if len(set(act_dims)) == 1 else f' (padded; per agent {act_dims})'}; order={args.order}; "
             f"{args.num_envs} {'async' if async_envs else 'sync'} envs"
             f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}",
             flush=True,
         )
 
-    agent = PMAT(obs_dim, act_dim, args.order, args.n_embd, args.n_head, args.n_block).to(device)
+    agent = PMAT(obs_dim, act_dim, args.order, args.n_embd, args.n_head, args.n_block, act_dims).to(device)
     value_norm = ValueNorm().to(device)
 
     # Speed-ups, all in this block; none changes what is computed (their measurements: docs/speed.md)
@@ -1481,7 +1540,7 @@ if __name__ == "__main__":
         if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
             writer.flush()  # the events up to this step are on disk before a checkpoint says the run got here
             state = checkpoint_state(
-                agent, optimizer, value_norm, iteration, global_step, args, obs_dim=obs_dim, act_dim=act_dim
+                agent, optimizer, value_norm, iteration, global_step, args, obs_dim=obs_dim, act_dim=act_dim, act_dims=act_dims
             )
             checkpoint_path = save_checkpoint(run_dir, state) or checkpoint_path
     if rank == 0 and start_iteration > args.num_iterations:
@@ -1499,6 +1558,7 @@ if __name__ == "__main__":
                 "args": vars(args),
                 "obs_dim": obs_dim,
                 "act_dim": act_dim,
+                "act_dims": act_dims,
             },
             model_path,
         )
