@@ -1,7 +1,10 @@
-"""Env steps/s of pmat_grf.FootballEnv, one process, random available actions: gfootball's simple115v2 with
-scoring,checkpoints (the former defaults) against the reference runs' features, masks and shaped reward (the
-defaults), on the same scenario, measured in turn for several rounds (best round each); also the time per step of
-reference_features and reference_reward alone, on the engine's raw observations.
+"""Env steps/s of pmat_grf.FootballEnv, one process: gfootball's simple115v2 with scoring,checkpoints (the former
+defaults) against the reference runs' features, masks and shaped reward (the defaults), on the same scenario, measured
+in turn for several rounds (best round each). Two ways of acting:
+  * random available actions: each setting's own masks (all 19 with simple115v2), so the games differ;
+  * the same games: both settings from the same engine seed with the same uniformly random actions, so the engine
+    plays exactly the same steps and resets and the difference is the wrapper's own cost.
+Also the time per step of reference_features and reference_reward alone, on the engine's raw observations.
 
     python benchmarks/grf_env_speed.py --env-name academy_3_vs_1_with_keeper
 """
@@ -27,30 +30,32 @@ class Args:
     steps: int = 500
     """env steps per round"""
     rounds: int = 5
-    """rounds; each setting keeps its best round"""
+    """rounds; each setting and way of acting keeps its best round"""
 
 
-def steps_per_second(env, state, steps, rng):
-    obs, info = state
+def steps_per_second(env, steps, seed, same_games):
+    rng = np.random.default_rng(seed)
+    obs, info = env.reset(seed=seed)
     start = time.perf_counter()
     for _ in range(steps):
-        action = (rng.random(info["avail"].shape) * info["avail"]).argmax(-1)  # a random available action
+        if same_games:
+            action = rng.integers(0, pg.GRF_NUM_ACTIONS, env.num_agents)
+        else:
+            action = (rng.random(info["avail"].shape) * info["avail"]).argmax(-1)  # a random available action
         obs, _, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             obs, info = env.reset()
-    return steps / (time.perf_counter() - start), (obs, info)
+    return steps / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     n_agents = pg.check_env_args(args.env_name, None)
     envs = {name: pg.FootballEnv(args.env_name, n_agents, *setting) for name, setting in SETTINGS.items()}
-    states = {name: env.reset(seed=0) for name, env in envs.items()}
-    rng, best = np.random.default_rng(0), {name: 0.0 for name in envs}
-    for _ in range(args.rounds):
-        for name, env in envs.items():
-            rate, states[name] = steps_per_second(env, states[name], args.steps, rng)
-            best[name] = max(best[name], rate)
+    best = {(name, same): 0.0 for same in (False, True) for name in envs}
+    for seed in range(args.rounds):
+        for name, same in best:
+            best[name, same] = max(best[name, same], steps_per_second(envs[name], args.steps, seed, same))
     raws = envs["reference"].env.unwrapped.observation()
     repeats = 2000
     start = time.perf_counter()
@@ -63,10 +68,11 @@ if __name__ == "__main__":
     reward_us = (time.perf_counter() - start) / repeats * 1e6
     for env in envs.values():
         env.close()
-    print(
-        f"{args.env_name}, {n_agents} agents, 1 process, random available actions, best of {args.rounds} x {args.steps} steps"
-    )
-    for name, rate in best.items():
-        print(f"  {name:12s} {rate:7.1f} env steps/s")
-    print(f"  ratio reference / simple115v2: {best['reference'] / best['simple115v2']:.3f}")
+    print(f"{args.env_name}, {n_agents} agents, 1 process, best of {args.rounds} rounds x {args.steps} steps")
+    for same, how in ((False, "random available actions"), (True, "the same games")):
+        rates = {name: best[name, same] for name in envs}
+        print(
+            f"  {how:25s} simple115v2 {rates['simple115v2']:6.1f}, reference {rates['reference']:6.1f} env steps/s, "
+            f"ratio {rates['reference'] / rates['simple115v2']:.3f}"
+        )
     print(f"  reference_features {features_us:.0f} us per step ({n_agents} players), reference_reward {reward_us:.0f} us")
