@@ -232,6 +232,25 @@ def test_time_limit_is_truncation(grf):
     env.close()
 
 
+def test_reference_reward_with_gfootballs_observation(grf):
+    """The flags are independent: simple115v2 (nothing masked) trained on the reference reward, which reads the raw
+    observation the engine keeps whatever the representation."""
+    env = pg.FootballEnv("academy_3_vs_1_with_keeper", 3, "simple115v2", "reference")
+    obs, info = env.reset(seed=0)
+    previous, rewards = env.env.unwrapped.observation()[0], []
+    for _ in range(30):
+        obs, reward, terminated, truncated, info = env.step(np.full(3, 5))  # 5 = right, towards their goal
+        raw = env.env.unwrapped.observation()[0]
+        assert obs.shape == (3, 115) and info["avail"].all()
+        assert reward == pg.reference_reward(info["score_reward"], previous, raw)
+        previous = raw
+        rewards.append(reward)
+        if terminated or truncated:
+            break
+    env.close()
+    assert len(rewards) > 10 and len(set(rewards)) > 1  # the shaping terms move
+
+
 def test_vector_env_masks_belong_to_the_next_observation(grf):
     """In the vector env, info["avail"] is the mask of the returned observation also where an env was just reset
     (the top-level info is the reset's; the finished episode's last step is in final_info): with the reference
