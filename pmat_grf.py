@@ -13,10 +13,12 @@ Shapes in comments: B batch, N agents, L positions, C = n_embd, H heads, A actio
 E = this rank's envs, M = mini-batch size, W = torchrun ranks. "Position k" is the k-th agent to act, sigma(k).
 
 Google Research Football (gfootball): N agents control N players of the left team in an "academy" scenario;
-each picks one of 19 discrete actions, all always available (so, unlike pmat_smac.py, nothing is masked).
-An episode ends on a goal, when the ball goes out of play, when the other team gets the ball, or after 400 steps.
-Observations and rewards are gfootball's own (simple115v2, scoring + checkpoints), not the feature encoder and shaped
-reward of the paper's runs, so scores are not directly comparable with the paper's tables (README, differences).
+each picks one of 19 discrete actions. An episode ends on a goal, when the ball goes out of play, when the other team
+gets the ball, or after 400 steps. By default the football is the paper's runs': each agent observes the authors'
+per-player features of gfootball's raw observation, some actions are masked by their rules (through the same masked
+decoder as pmat_smac.py), and training uses their shaped reward (--representation reference, --rewards reference);
+gfootball's own simple115v2 and scoring,checkpoints (nothing masked) are the other choices. The logged episode score
+is always gfootball's scoring reward (goals for minus against), the number the paper reports.
 
 Install gfootball first (it compiles a C++ engine):  bash scripts/install_grf.sh
 Run:  python pmat_grf.py --env-name academy_3_vs_1_with_keeper          (see --help for every flag)
@@ -88,11 +90,14 @@ class Args:
     num_agents: Optional[int] = None
     """left-team players the agents control (the paper's 3, 2, 4 for 3_vs_1_with_keeper, pass_and_shoot_with_keeper,
     counterattack_easy; needed for other scenarios)"""
-    representation: Literal["simple115v2", "simple115"] = "simple115v2"
-    """the observation: gfootball's 115-float vector per player (v2: each player keeps its slot, missing ones are -1)"""
-    rewards: str = "scoring,checkpoints"
-    """"scoring" = +1/-1 per goal; "scoring,checkpoints" adds +0.1 per distance checkpoint to the goal reached with
-    the ball (10 in all)"""
+    representation: Literal["reference", "simple115v2", "simple115"] = "reference"
+    """the observation: "reference" = the paper's runs' per-player features of gfootball's raw observation, with their
+    rule-based available-action masks (see reference_features); "simple115v2"/"simple115" = gfootball's 115-float
+    vector per player (v2: each player keeps its slot, missing ones are -1), every action always available"""
+    rewards: str = "reference"
+    """the training reward: "reference" = the paper's runs' shaped reward (5 x goal, win bonus, ball position, yellow
+    cards, distance to the ball; see reference_reward); gfootball's "scoring" = +1/-1 per goal; "scoring,checkpoints"
+    adds +0.1 per distance checkpoint to the goal reached with the ball (10 in all)"""
     async_envs: bool = True
     """step the envs in subprocesses when num_envs > 1 (--no-async-envs: all in this process)"""
 
@@ -158,9 +163,9 @@ PAPER_AGENTS = {  # the agent counts of the paper's GRF experiments
     "academy_pass_and_shoot_with_keeper": 2,
     "academy_counterattack_easy": 4,
 }
-GRF_NUM_ACTIONS = 19  # gfootball's default action set: idle, 8 directions, 3 passes, shot, sprint, ... (all available)
+GRF_NUM_ACTIONS = 19  # gfootball's default action set: idle, 8 directions, 3 passes, shot, sprint, ...
 OBS_DIM = 115  # both simple115 representations
-REWARDS = ("scoring,checkpoints", "scoring")  # gfootball's reward options (written here as it spells them)
+REWARDS = ("reference", "scoring,checkpoints", "scoring")  # the paper's runs' shaped reward, gfootball's (as it spells them)
 
 
 def import_gfootball():
@@ -182,7 +187,7 @@ def grf_scenarios():
     return sorted(m.name for m in pkgutil.iter_modules(gfootball.scenarios.__path__) if not m.ispkg)
 
 
-def check_env_args(env_name, num_agents, rewards="scoring,checkpoints"):
+def check_env_args(env_name, num_agents, rewards="reference"):
     """Exit with a clear message on an unknown scenario, a bad --num-agents or --rewards; returns the number of agents."""
     if rewards not in REWARDS:
         sys.exit(f"error: unknown --rewards {rewards!r}. Accepted: {', '.join(repr(r) for r in REWARDS)}")
@@ -196,9 +201,7 @@ def check_env_args(env_name, num_agents, rewards="scoring,checkpoints"):
                 f"scenarios: {', '.join(f'{k} ({v})' for k, v in PAPER_AGENTS.items())})"
             )
         num_agents = PAPER_AGENTS[env_name]
-    from gfootball.env import config
-
-    players = len(config.Config({"level": env_name}).ScenarioConfig().left_team)  # builds the scenario, no engine
+    players = team_sizes(env_name)[0]
     if not 1 <= num_agents <= players:
         sys.exit(
             f"error: --num-agents {num_agents} does not fit {env_name}: its left team has {players} players "
@@ -207,14 +210,202 @@ def check_env_args(env_name, num_agents, rewards="scoring,checkpoints"):
     return num_agents
 
 
+# The paper's runs' football: the authors' per-player features of gfootball's raw observation, their rule-based
+# available actions and their shaped reward (facts from their code, written here). Plain numpy over the N controlled
+# players at once; no engine needed (tests/test_grf_features.py checks them on hand-built raw observations).
+# Pitch coordinates: x in [-1, 1] (our goal at x = -1), y in [-0.42, 0.42]; the penalty boxes: |x| > 0.64, |y| < 0.27.
+MIDDLE_X, PENALTY_X, END_X, PENALTY_Y, END_Y = 0.2, 0.64, 1.0, 0.27, 0.42
+IDLE, LONG_PASS, HIGH_PASS, SHORT_PASS, SHOT = 0, 9, 10, 11, 12  # gfootball's action indices (1-8: the directions)
+RELEASE_DIRECTION, RELEASE_SPRINT, SLIDING, DRIBBLE, RELEASE_DRIBBLE = 14, 15, 16, 17, 18  # (13: sprint)
+PASSES = [LONG_PASS, HIGH_PASS, SHORT_PASS]
+BALL_ACTIONS = PASSES + [SHOT, DRIBBLE]  # the actions that play the ball
+STICKY_SPRINT, STICKY_DRIBBLE = 8, 9  # raw["sticky_actions"] (10): the 8 directions held, then sprint and dribble
+GOAL_KICK, CORNER, PENALTY = 2, 4, 6  # raw["game_mode"]: 0 normal, 1 kick-off, 2 goal kick, 3 free kick, 4 corner, ...
+NEAR_BALL = 0.03  # a player within this distance of the ball (in x, y) can play it
+N_ROLES, N_ZONES, PLAYER_FEATURES = 10, 6, 7  # left_team_roles: 0 is the goalkeeper
+ZONE_REWARD = np.array([-2.0, -1.0, 0.0, 2.0, 1.0, 0.0])  # the ball-position reward of each ball_zone
+
+
+def ball_zone(x, y):
+    """The pitch zone of the ball at (x, y), the first that applies: 0 our penalty box, 1 our half (x < -0.2), 2 the
+    middle (|x| <= 0.2), 3 their penalty box, 4 their half (x > 0.2), 5 off the pitch (|x| > 1 or |y| >= 0.42)."""
+    on_pitch, in_box = abs(y) < END_Y, abs(y) < PENALTY_Y
+    if -END_X <= x < -PENALTY_X and in_box:
+        return 0
+    if -END_X <= x < -MIDDLE_X and on_pitch:
+        return 1
+    if -MIDDLE_X <= x <= MIDDLE_X and on_pitch:
+        return 2
+    if PENALTY_X < x <= END_X and in_box:
+        return 3
+    if MIDDLE_X < x <= END_X and on_pitch:
+        return 4
+    return 5
+
+
+def reference_obs_dim(n_left, n_right):
+    """Features per agent: avail 19 + ball 18 + player 19 + 7 per other player (teammates, opponents) + 2 x 7 closest."""
+    return GRF_NUM_ACTIONS + 18 + 19 + PLAYER_FEATURES * (n_left - 1 + n_right + 2)
+
+
+def available_actions(world, sticky, ball_distance):
+    """The reference runs' available actions of each controlled player -> (N, 19) bool, True = available.
+    world: a raw observation (ball, ownership, game mode); sticky (N, 10) the players' sticky actions;
+    ball_distance (N,) each player's distance to the ball in (x, y)."""
+    avail = np.ones((len(sticky), GRF_NUM_ACTIONS), dtype=bool)
+    far, theirs = ball_distance > NEAR_BALL, world["ball_owned_team"] == 1
+    # Their ball: no ball actions, and no sliding unless it is near. A loose ball far away in normal play: neither.
+    # Otherwise (our ball, or a near one): no sliding, and no ball actions when it is far. Together: the ball actions
+    # need the ball near and not theirs, sliding needs it near and theirs (the game mode changes nothing here).
+    avail[np.ix_(far | theirs, BALL_ACTIONS)] = False
+    avail[:, SLIDING] = ~far & theirs
+    sprinting, dribbling = sticky[:, STICKY_SPRINT] > 0, sticky[:, STICKY_DRIBBLE] > 0
+    avail[:, RELEASE_SPRINT] = sprinting
+    avail[:, RELEASE_DRIBBLE] = dribbling
+    avail[dribbling, SLIDING] = False
+    avail[:, RELEASE_DIRECTION] = sticky[:, :8].any(1)  # a direction is held
+    x, y = world["ball"][:2]
+    if x >= PENALTY_X and abs(y) <= PENALTY_Y:  # in their box: shoot (or short-pass), no long or high pass
+        avail[:, [LONG_PASS, HIGH_PASS]] = False
+    else:
+        avail[:, SHOT] = False
+    mode = world["game_mode"]  # our set pieces replace everything
+    if (mode == GOAL_KICK and x < -0.7) or (mode == CORNER and x > 0.9):
+        avail[:] = False
+        avail[:, [IDLE] + PASSES] = True
+    elif mode == PENALTY and x > 0.6:
+        avail[:] = False
+        avail[:, [IDLE, SHOT]] = True
+    return avail
+
+
+def team_features(positions, directions, tired, player_pos):
+    """7 numbers per player of a team, seen from each controlled player: position x 2, direction x 100, speed x 100,
+    distance to the controlled player x 2, tired factor. positions, directions (P, 2), tired (P,), player_pos (N, 2)
+    -> features (N, P, 7) and distances (N, P)."""
+    distance = np.linalg.norm(positions[None] - player_pos[:, None], axis=-1)  # (N, P)
+    speed = np.linalg.norm(directions, axis=-1, keepdims=True)  # (P, 1)
+    own = np.concatenate([positions * 2, directions * 100, speed * 100], 1)  # (P, 5), the same for every viewer
+    N, P = distance.shape
+    features = np.concatenate(
+        [np.broadcast_to(own, (N, P, 5)), distance[..., None] * 2, np.broadcast_to(tired[:, None], (N, P, 1))], -1
+    )
+    return features, distance
+
+
+def closest(features, distance):
+    """The features (N, 7) of the nearest player of each row, from features (N, P, 7) and distances (N, P); zeros if P = 0."""
+    if distance.shape[1] == 0:
+        return np.zeros((distance.shape[0], PLAYER_FEATURES))
+    return features[np.arange(len(distance)), distance.argmin(1)]
+
+
+def reference_features(raws):
+    """The reference runs' observation of each controlled player, from gfootball's raw observations (a list of one
+    dict per controlled player: they hold the same world and differ in "active", the player's index in left_team, and
+    "sticky_actions") -> obs (N, D) float32, D = reference_obs_dim, and the available actions (N, 19) bool.
+    Seven groups, concatenated in the alphabetical order of their names (as the reference does):
+      avail (19): available_actions, as 0/1;
+      ball (18): position (x, y, z), ball_zone one-hot (6), position relative to the player (x, y), direction x 20 (3),
+        speed x 20 (the norm of the direction's x, y), distance to the player, owned by anyone, owned by our team;
+      left_closest (7), left_team (7 per teammate, the player removed): team_features of our team;
+      player (19): position (2), direction x 100 (2), speed x 100, role one-hot (10), ball far (distance > 0.03),
+        tired factor, dribbling, sprinting (sticky actions 9 and 8);
+      right_closest (7), right_team (7 per opponent): team_features of their team."""
+    world = raws[0]
+    active = np.array([raw["active"] for raw in raws])  # (N,)
+    sticky = np.array([raw["sticky_actions"] for raw in raws], dtype=np.float64)  # (N, 10)
+    N = len(active)
+    left, left_direction = world["left_team"], world["left_team_direction"]  # (L, 2)
+    position, direction = left[active], left_direction[active]  # (N, 2)
+    ball, ball_direction, owner = world["ball"], world["ball_direction"], world["ball_owned_team"]
+    ball_relative = ball[:2] - position  # (N, 2)
+    ball_distance = np.linalg.norm(ball_relative, axis=1)  # (N,)
+    avail = available_actions(world, sticky, ball_distance)  # (N, 19)
+
+    ball_world = np.concatenate([ball, np.eye(N_ZONES)[ball_zone(*ball[:2])]])  # (9,) the same for every player
+    ball_motion = np.concatenate([ball_direction * 20, [np.linalg.norm(ball_direction[:2]) * 20]])  # (4,)
+    ball_group = np.concatenate(
+        [
+            np.broadcast_to(ball_world, (N, 9)),
+            ball_relative,
+            np.broadcast_to(ball_motion, (N, 4)),
+            ball_distance[:, None],
+            np.broadcast_to([float(owner != -1), float(owner == 0)], (N, 2)),
+        ],
+        1,
+    )  # (N, 18)
+    player_group = np.concatenate(
+        [
+            position,
+            direction * 100,
+            np.linalg.norm(direction, axis=1, keepdims=True) * 100,
+            np.eye(N_ROLES)[world["left_team_roles"][active]],
+            (ball_distance > NEAR_BALL)[:, None],
+            world["left_team_tired_factor"][active, None],
+            sticky[:, [STICKY_DRIBBLE, STICKY_SPRINT]],
+        ],
+        1,
+    )  # (N, 19)
+    mates, mate_distance = team_features(left, left_direction, world["left_team_tired_factor"], position)  # (N, L, 7)
+    others = np.arange(len(left))[None] != active[:, None]  # (N, L), False at the player itself
+    mates, mate_distance = mates[others].reshape(N, -1, PLAYER_FEATURES), mate_distance[others].reshape(N, -1)
+    rivals, rival_distance = team_features(
+        world["right_team"], world["right_team_direction"], world["right_team_tired_factor"], position
+    )  # (N, R, 7)
+    obs = np.concatenate(
+        [
+            avail,
+            ball_group,
+            closest(mates, mate_distance),
+            mates.reshape(N, -1),
+            player_group,
+            closest(rivals, rival_distance),
+            rivals.reshape(N, -1),
+        ],
+        1,
+    )
+    return obs.astype(np.float32), avail
+
+
+def reference_reward(score_reward, previous, world):
+    """The reference runs' shaped reward of one step, the same for every agent, from gfootball's scoring reward of the
+    step (goals for minus against) and the raw observations before (previous) and after (world) it:
+    5 x scoring + 5 x win bonus (the goal difference when ahead, at the game's last step: steps_left 0)
+    + 0.003 x ZONE_REWARD of the ball's zone + the yellow cards of this step (theirs minus ours)
+    - 0.003 x the distance from the ball to our nearest outfield player (the keeper excluded) when we do not own it."""
+    left_goals, right_goals = world["score"]
+    win = max(left_goals - right_goals, 0) if world["steps_left"] == 0 else 0
+    zone = ZONE_REWARD[ball_zone(*world["ball"][:2])]
+    cards = lambda team: int(np.sum(world[team]) - np.sum(previous[team]))  # noqa: E731, new cards of a team
+    yellow = cards("right_team_yellow_card") - cards("left_team_yellow_card")
+    chase = 0.0
+    outfield = world["left_team"][world["left_team_roles"] != 0]  # (P, 2)
+    if world["ball_owned_team"] != 0 and len(outfield):
+        chase = float(np.linalg.norm(outfield - world["ball"][:2], axis=1).min())
+    return float(5 * score_reward + 5 * win + 0.003 * zone + yellow - 0.003 * chase)
+
+
+def team_sizes(env_name):
+    """(left, right) players of a gfootball scenario, read from its config (no engine is built)."""
+    import_gfootball()
+    from gfootball.env import config
+
+    scenario = config.Config({"level": env_name}).ScenarioConfig()
+    return len(scenario.left_team), len(scenario.right_team)
+
+
 class FootballEnv(gym.Env):
     """One gfootball game as a gymnasium env in which one step moves all N controlled players.
 
-    obs (N, 115) float32; action (N,) ints in [0, 19); reward: the team reward, the sum of the N players' rewards,
-    shared by all agents (the checkpoint reward goes only to the player who carries the ball). This is gfootball's
-    own observation and reward, NOT the reference runs' (their own egocentric features, per-agent action masks and a
-    shaped reward): scores are not directly comparable with the paper's (see README, differences);
-    info["score_reward"]: goals scored minus goals conceded at this step (-1, 0 or 1).
+    obs (N, D) float32: representation "reference" (the paper's runs'): reference_features of gfootball's raw
+    observation, D = reference_obs_dim of the scenario; "simple115v2" or "simple115": gfootball's, D = 115.
+    info["avail"] (N, 19) bool: the available actions for obs (at reset and after every step): the reference runs'
+    rules (available_actions) with the reference representation, else all 19. action (N,) ints in [0, 19).
+    reward, shared by all agents: rewards "reference": reference_reward (the same for every player); gfootball's
+    "scoring" or "scoring,checkpoints": the team reward, the sum of the N players' rewards (the checkpoint reward
+    goes only to the player who carries the ball). info["score_reward"]: goals scored minus goals conceded at this
+    step (-1, 0 or 1), whatever the training reward: the paper's episode score is its sum.
     gfootball signals every episode end with one `done` (goal, ball out, lost ball, time limit); the raw
     observation's steps_left tells the time limit apart: then the episode is truncated (GAE bootstraps), else
     terminated.
@@ -222,11 +413,12 @@ class FootballEnv(gym.Env):
     re-seeded in place): gymnasium's vector env builds a throw-away copy only to read the spaces.
     """
 
-    def __init__(self, env_name, num_agents, representation="simple115v2", rewards="scoring,checkpoints"):
+    def __init__(self, env_name, num_agents, representation="reference", rewards="reference"):
         self.env_name, self.num_agents = env_name, num_agents
         self.representation, self.rewards = representation, rewards
-        self.env, self.engine_seed = None, None
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (num_agents, OBS_DIM), np.float32)
+        self.env, self.engine_seed, self.last_world = None, None, None
+        obs_dim = reference_obs_dim(*team_sizes(env_name)) if representation == "reference" else OBS_DIM
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (num_agents, obs_dim), np.float32)
         self.action_space = gym.spaces.MultiDiscrete([GRF_NUM_ACTIONS] * num_agents)
 
     def reset(self, *, seed=None, options=None):
@@ -237,23 +429,37 @@ class FootballEnv(gym.Env):
             self.engine_seed = int(self.np_random.integers(2**31))  # drawn from reset's seed: reproducible games
             self.env = import_gfootball().create_environment(
                 env_name=self.env_name,
-                representation=self.representation,
-                rewards=self.rewards,
+                representation="raw" if self.representation == "reference" else self.representation,
+                rewards="scoring" if self.rewards == "reference" else self.rewards,
                 render=False,
                 number_of_left_players_agent_controls=self.num_agents,
                 other_config_options={"game_engine_random_seed": self.engine_seed},
             )
-        return self._obs(self.env.reset()), {}
+        obs = self.env.reset()
+        raws = self.env.unwrapped.observation()  # the raw observation of each controlled player (gfootball caches it)
+        self.last_world = raws[0]
+        obs, avail = self._observe(obs, raws)
+        return obs, {"avail": avail}
 
     def step(self, action):
         obs, rewards, done, info = self.env.step(np.asarray(action).tolist())  # rewards (N,), or a float if N = 1
         score = float(info["score_reward"])
+        raws = self.env.unwrapped.observation()
         # the 400-step limit cut the episode (a goal on the last step still counts as a real end)
-        time_limit = done and score == 0 and self.env.unwrapped.observation()[0]["steps_left"] <= 0
-        return self._obs(obs), float(np.sum(rewards)), done and not time_limit, time_limit, {"score_reward": score}
+        time_limit = done and score == 0 and raws[0]["steps_left"] <= 0
+        if self.rewards == "reference":
+            reward = reference_reward(score, self.last_world, raws[0])
+        else:
+            reward = float(np.sum(rewards))
+        self.last_world = raws[0]
+        obs, avail = self._observe(obs, raws)
+        return obs, reward, done and not time_limit, time_limit, {"score_reward": score, "avail": avail}
 
-    def _obs(self, obs):
-        return np.asarray(obs, dtype=np.float32).reshape(self.num_agents, OBS_DIM)  # N = 1 gives a flat (115,)
+    def _observe(self, obs, raws):  # -> obs (N, D) float32, available actions (N, 19) bool
+        if self.representation == "reference":
+            return reference_features(raws)
+        obs = np.asarray(obs, dtype=np.float32).reshape(self.num_agents, OBS_DIM)  # N = 1 gives a flat (115,)
+        return obs, np.ones((self.num_agents, GRF_NUM_ACTIONS), dtype=bool)
 
     def close(self):
         if self.env is not None:
@@ -477,6 +683,11 @@ def decoder_step(decoder, prev_action, rep, caches, pos):  # position pos-1's ac
     return decoder.head(x)  # (B, A)
 
 
+def masked_logits(logits, avail):
+    """Unavailable actions get a logit of -1e10 (MAT): probability exactly 0, so they are never sampled."""
+    return logits.masked_fill(~avail, -1e10)
+
+
 class PMAT(nn.Module):
     """MAT + AGPS. The encoder gives each agent an encoding and a value; the scoring block (PMAT only) turns the
     encodings into Plackett-Luce log-weights, from which the decision order sigma is drawn (eq. 8, 11); the decoder
@@ -509,13 +720,14 @@ class PMAT(nn.Module):
             return torch.zeros(rep.shape[0], device=rep.device)
         return plackett_luce_log_prob(self.order_log_weights(rep), sigma)
 
-    def act(self, obs, deterministic=False):
-        """Rollout. obs (B, N, obs_dim) -> actions (B, N) long, log-probs (B, N) and values (B, N) in agent
-        order, the decision order sigma (B, N) and its log-prob (B,)."""
+    def act(self, obs, avail, deterministic=False):
+        """Rollout. obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N) and values
+        (B, N) in agent order, the decision order sigma (B, N) and its log-prob (B,)."""
         with torch.inference_mode():  # speed: like no_grad, but cheaper per op (the rollout is bound by per-op overhead)
             rep, value = self.encoder(obs)
             sigma, sigma_log_prob = self.decision_order(rep, deterministic)
             rep_sigma = gather_agents(rep, sigma)  # (B, N, C), reordered: position k holds agent sigma(k)
+            avail_sigma = gather_agents(avail, sigma)  # (B, N, A), the masks in the same order
             B, N, _ = rep.shape
             # Auto-regressive decoding (eq. 6): position k sees the actions of positions < k. The plain loop is
             #     for k in range(N): out_k = self.decoder(prev[:, : k + 1], rep_sigma[:, : k + 1])[:, k]
@@ -527,11 +739,14 @@ class PMAT(nn.Module):
             prev_action = F.one_hot(start, self.n_actions + 1).float()  # (B, A+1), the start token at k = 0
             actions, log_probs = [], []
             for k in range(N):
-                logits = decoder_step(self.decoder, prev_action, rep_sigma[:, k], caches, k)  # (B, A)
+                logits = masked_logits(
+                    decoder_step(self.decoder, prev_action, rep_sigma[:, k], caches, k), avail_sigma[:, k]
+                )  # (B, A)
                 log_p = logits.log_softmax(-1)  # (B, A), the categorical policy of agent sigma(k)
-                # Gumbel-max: argmax(log p + Gumbel noise) is an exact sample (the P-L sampler's trick with one pick)
+                # Gumbel-max: argmax(log p + Gumbel noise) is an exact sample (the P-L sampler's trick with one pick).
+                # The mask is applied again after the noise: an infinite noise draw must not lift an unavailable action.
                 noisy = log_p if deterministic else log_p - torch.log(torch.empty_like(log_p).exponential_())
-                action = noisy.argmax(-1)  # (B,)
+                action = noisy.masked_fill(~avail_sigma[:, k], -torch.inf).argmax(-1)  # (B,)
                 actions.append(action)
                 log_probs.append(log_p.gather(1, action[:, None]).squeeze(1))
                 prev_action = F.one_hot(action + 1, self.n_actions + 1).float()  # action a -> column a + 1; sigma(k+1) sees it
@@ -543,8 +758,8 @@ class PMAT(nn.Module):
     def evaluate_actions(self, obs, actions, sigma, avail=None):
         """Training pass: one teacher-forced decoder call over the stored actions, in the STORED order sigma, so each
         agent's log-prob is conditioned on the same predecessors as in the rollout (paper eq. 6).
-        obs (B, N, obs_dim), actions (B, N) long, sigma (B, N) -> log-probs (B, N), entropy (B, N), values (B, N),
-        log P(sigma) (B,). avail: SMAC's action masks, unused here (every football action is always available)."""
+        obs (B, N, obs_dim), actions (B, N) long, sigma (B, N), avail (B, N, A) bool (required here) -> log-probs
+        (B, N), entropy (B, N), values (B, N), log P(sigma) (B,)."""
         rep, value = self.encoder(obs)
         actions_sigma = gather_agents(actions, sigma)  # (B, N), in decision order
         one_hot = F.one_hot(actions_sigma, self.n_actions + 1).roll(1, dims=-1).float()  # action a -> column a + 1
@@ -552,9 +767,9 @@ class PMAT(nn.Module):
         prev_action = torch.cat([start, one_hot[:, :-1]], dim=1)  # (B, N, A+1), shifted right
         logits_sigma = self.decoder(prev_action, gather_agents(rep, sigma))  # (B, N, A), in decision order
         logits = gather_agents(logits_sigma, torch.argsort(sigma, dim=1))  # (B, N, A), back in agent order
-        log_p = logits.log_softmax(-1)  # (B, N, A), as in the rollout
+        log_p = masked_logits(logits, avail).log_softmax(-1)  # (B, N, A), as in the rollout
         log_prob = log_p.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, N)
-        entropy = -(log_p.exp() * log_p).sum(-1)  # (B, N)
+        entropy = -(log_p.exp() * log_p).sum(-1)  # (B, N); a masked action has p = 0 and adds 0
         return log_prob, entropy, value, self.sigma_log_prob(rep, sigma)
 
 
@@ -750,13 +965,14 @@ def ppo_loss(agent, args, mb):
 # ---------------------------------------------------------------------------------------------------------------
 # Rollout storage: the training loop's buffers
 # ---------------------------------------------------------------------------------------------------------------
-def rollout_buffers(T, E, N, obs_dim, device):
+def rollout_buffers(T, E, N, obs_dim, n_actions, device):
     """The training loop's rollout storage, time-major, zeros on `device` (E: this rank's envs), in this order:
-    obs (T, E, N, obs_dim), actions (T, E, N) long, log-probs (T, E, N), values (T, E, N) normalised, as the critic
-    predicts them, the decision orders sigma (T, E, N) long, log P(sigma) (T, E), rewards (T, E), dones (T, E), and
-    bootstrap (T, E, N): V(final obs) where the time limit cut an episode."""
+    obs (T, E, N, obs_dim), the available actions (T, E, N, A) bool, actions (T, E, N) long, log-probs (T, E, N),
+    values (T, E, N) normalised, as the critic predicts them, the decision orders sigma (T, E, N) long, log P(sigma)
+    (T, E), rewards (T, E), dones (T, E), and bootstrap (T, E, N): V(final obs) where the time limit cut an episode."""
     return (
         torch.zeros((T, E, N, obs_dim), device=device),  # obs_buf
+        torch.zeros((T, E, N, n_actions), dtype=torch.bool, device=device),  # avail_buf
         torch.zeros((T, E, N), dtype=torch.long, device=device),  # action_buf
         torch.zeros((T, E, N), device=device),  # log_prob_buf
         torch.zeros((T, E, N), device=device),  # value_buf
@@ -772,15 +988,17 @@ def rollout_buffers(T, E, N, obs_dim, device):
 # Evaluation and checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 def evaluate_policy(agent, envs, episodes, device):
-    """Deterministic order and deterministic actions; returns the score (goals for minus against) and the return
-    of each of `episodes` episodes. Env e plays a fixed quota of episodes, so that short episodes (an early loss
-    of the ball) do not crowd out long ones in the average."""
+    """Deterministic order and deterministic actions, masked as in training; returns the score (goals for minus
+    against: gfootball's scoring reward, whatever the training reward) and the return of each of `episodes`
+    episodes. Env e plays a fixed quota of episodes, so that short episodes (an early loss of the ball) do not crowd
+    out long ones in the average."""
     quota = np.full(envs.num_envs, episodes // envs.num_envs)
     quota[: episodes % envs.num_envs] += 1
-    obs, _ = envs.reset()
+    obs, info = envs.reset()
     score, total, scores, returns = np.zeros(envs.num_envs), np.zeros(envs.num_envs), [], []
     while quota.any():
-        action = agent.act(torch.as_tensor(obs, device=device), deterministic=True)[0]
+        obs, avail = torch.as_tensor(obs, device=device), torch.as_tensor(info["avail"], device=device)
+        action = agent.act(obs, avail, deterministic=True)[0]
         obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
         done = terminated | truncated
         score += step_scores(info, done)
@@ -1206,16 +1424,16 @@ def record_episode(agent, envs, args, device, seed):
     title = f"{args.env_name}\n{args.order}  t {{}}  {ORDER_TEXT[args.order]}"
     t, done = 0, False
     with torch.random.fork_rng():
-        obs, _ = envs.reset(seed=seed)
+        obs, info = envs.reset(seed=seed)
         while not done:
             obs_t = torch.as_tensor(obs, device=device)
-            action, _, _, sigma, _ = agent.act(obs_t, deterministic=True)
+            action, _, _, sigma, _ = agent.act(obs_t, torch.as_tensor(info["avail"], device=device), deterministic=True)
             raw = envs.envs[0].env.unwrapped.observation()  # gfootball's raw observation of each controlled player
             sigma, a = sigma[0].tolist(), action[0].tolist()
             labels = [f"player {raw[i]['active']}: {GRF_ACTION_NAMES[x]}" for i, x in enumerate(a)]
             scene = draw_pitch(raw, np.argsort(sigma).tolist())
             yield video_frame(scene, sigma, order_scores(agent, obs_t), labels, title.format(t))
-            obs, _, terminated, truncated, _ = envs.step(action.cpu().numpy())
+            obs, _, terminated, truncated, info = envs.step(action.cpu().numpy())
             t, done = t + 1, terminated[0] or truncated[0]
 
 
@@ -1343,7 +1561,8 @@ if __name__ == "__main__":
         eval_envs.reset(seed=[stream_seed(args.seed, "eval_env", 0, e, 0, start_step) for e in range(eval_envs.num_envs)])
     if rank == 0:
         print(
-            f"{args.env_name}: {n_agents} agents, obs {obs_dim}, actions {n_actions}, rewards {args.rewards}; "
+            f"{args.env_name}: {n_agents} agents, obs {obs_dim} ({args.representation}), actions {n_actions}, "
+            f"rewards {args.rewards}; "
             f"order={args.order}; "
             f"{args.num_envs} {'async' if async_envs else 'sync'} envs"
             f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}",
@@ -1369,9 +1588,18 @@ if __name__ == "__main__":
 
     # Rollout storage, time-major; E: this rank's envs
     T, E, N = args.num_steps, args.num_envs // world_size, n_agents
-    obs_buf, action_buf, log_prob_buf, value_buf, sigma_buf, sigma_log_prob_buf, reward_buf, done_buf, bootstrap_buf = (
-        rollout_buffers(T, E, N, obs_dim, device)
-    )
+    (
+        obs_buf,
+        avail_buf,
+        action_buf,
+        log_prob_buf,
+        value_buf,
+        sigma_buf,
+        sigma_log_prob_buf,
+        reward_buf,
+        done_buf,
+        bootstrap_buf,
+    ) = rollout_buffers(T, E, N, obs_dim, n_actions, device)
 
     start_iteration, global_step = 1, 0
     if checkpoint is not None:  # last, so that nothing above draws from the restored RNG streams
@@ -1386,8 +1614,8 @@ if __name__ == "__main__":
             )
     start_time, start_step = time.time(), global_step
     skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
-    next_obs, _ = envs.reset(seed=[stream_seed(args.seed, "env", rank, e, 0, start_step) for e in range(E)])
-    next_obs = torch.as_tensor(next_obs, device=device)
+    next_obs, info = envs.reset(seed=[stream_seed(args.seed, "env", rank, e, 0, start_step) for e in range(E)])
+    next_obs, next_avail = torch.as_tensor(next_obs, device=device), torch.as_tensor(info["avail"], device=device)
     episode_return, episode_score, episode_length = np.zeros(E), np.zeros(E), np.zeros(E, dtype=int)
 
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -1399,14 +1627,15 @@ if __name__ == "__main__":
         rollout_start = time.time()
         for step in range(T):
             global_step += E * world_size  # every rank's env steps
-            obs_buf[step] = next_obs
-            action, log_prob, value, sigma, sigma_log_prob = act(next_obs)
+            obs_buf[step], avail_buf[step] = next_obs, next_avail
+            action, log_prob, value, sigma, sigma_log_prob = act(next_obs, next_avail)  # masked as SMAC's
             action_buf[step], log_prob_buf[step], value_buf[step] = action, log_prob, value
             sigma_buf[step], sigma_log_prob_buf[step] = sigma, sigma_log_prob
             first_counts += torch.bincount(sigma[:, 0], minlength=N)
 
             next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
             next_obs = torch.as_tensor(next_obs_np, device=device)
+            next_avail = torch.as_tensor(info["avail"], device=device)  # a reset env's: its next episode's first
             reward_buf[step] = torch.as_tensor(reward, device=device)
             done_buf[step] = torch.as_tensor(terminated | truncated, device=device)
             cut = truncated & ~terminated
@@ -1418,7 +1647,7 @@ if __name__ == "__main__":
                     )
 
             episode_return += reward
-            episode_score += step_scores(info, terminated | truncated)  # goals, from info["score_reward"]
+            episode_score += step_scores(info, terminated | truncated)  # goals, from info["score_reward"], any --rewards
             episode_length += 1
             for e in np.flatnonzero(terminated | truncated):
                 finished_returns.append(episode_return[e])
@@ -1440,6 +1669,7 @@ if __name__ == "__main__":
         batch = {
             "obs": obs_buf.reshape(-1, N, obs_dim),
             "actions": action_buf.reshape(-1, N),
+            "avail": avail_buf.reshape(-1, N, n_actions),  # the training pass masks the logits as the rollout did
             "sigma": sigma_buf.reshape(-1, N),
             "log_probs": log_prob_buf.reshape(-1, N),
             "sigma_log_probs": sigma_log_prob_buf.reshape(-1),

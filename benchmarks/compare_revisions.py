@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {
     "pmat_mamujoco": (8, 100, 4, 30, 2, "continuous"),
     "pmat_smac": (8, 400, 10, 80, 16, "masked"),
-    "pmat_grf": (4, 200, 3, 60, 19, "discrete"),
+    "pmat_grf": (4, 200, 3, 60, 19, "masked"),
 }
 
 
@@ -55,6 +55,8 @@ def make_calls(m, script):
     optimizer = torch.optim.Adam([flat], lr=5e-5, eps=1e-5, fused=True)
     args = m.Args(order="pmat")
     obs = torch.randn(B, N, obs_dim)
+    if kind == "masked" and "avail" not in inspect.signature(m.PMAT.act).parameters:
+        kind = "discrete"  # pmat_grf.py before its action masks
     act_inputs = (obs, torch.ones(B, N, adim, dtype=torch.bool)) if kind == "masked" else (obs,)
     action, _, _, sigma, _ = agent.act(*act_inputs)
     mb = {
@@ -68,7 +70,9 @@ def make_calls(m, script):
         "values": torch.zeros(M, N),
     }
     if kind == "masked":
-        mb["avail"], mb["active"] = torch.ones(M, N, adim, dtype=torch.bool), torch.ones(M, N, dtype=torch.bool)
+        mb["avail"] = torch.ones(M, N, adim, dtype=torch.bool)
+        if script == "pmat_smac":  # alive agents (SMAC only)
+            mb["active"] = torch.ones(M, N, dtype=torch.bool)
     if len(inspect.signature(m.ppo_loss).parameters) == 3:  # ppo_loss(agent, args, mb)
         loss = lambda: m.ppo_loss(agent, args, mb)[0]  # noqa: E731
     else:  # the older positional form

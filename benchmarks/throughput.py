@@ -79,7 +79,8 @@ class Runner:
             self.n_agents, self.obs_dim, self.act_dim = self.envs.n_agents, self.envs.obs_dim, self.envs.n_actions
         else:
             self.envs = module.make_envs(self.script_args, args.num_envs, async_envs=args.num_envs > 1)
-            self.obs, _ = self.envs.reset(seed=args.seed)
+            self.obs, info = self.envs.reset(seed=args.seed)
+            self.avail = info["avail"]  # the reference runs' action masks (all ones with simple115v2)
             self.n_agents, self.obs_dim = self.envs.single_observation_space.shape[-2:]
             self.act_dim = int(self.envs.single_action_space.nvec[0])
         self.rng = np.random.default_rng(args.seed)
@@ -88,20 +89,22 @@ class Runner:
         E, N = self.obs.shape[:2]
         if self.bench == "mamujoco":
             return self.rng.uniform(-1, 1, (E, N, self.act_dim)).astype(np.float32)
-        if self.bench == "smac":  # a uniformly random available action per agent
+        if self.bench in ("smac", "grf"):  # a uniformly random available action per agent
             scores = self.rng.random(self.avail.shape) * self.avail
             return scores.argmax(-1)
-        return self.rng.integers(0, self.act_dim, (E, N))
 
     def policy_action(self, act):
         obs = torch.as_tensor(self.obs)
-        if self.bench == "smac":
+        if self.bench in ("smac", "grf"):
             return act(obs, torch.as_tensor(self.avail, dtype=torch.bool))[0].numpy()
         return act(obs)[0].numpy()
 
     def step(self, action):
         if self.bench == "smac":
             self.obs, self.avail, *_ = self.envs.step(action)
+        elif self.bench == "grf":
+            self.obs, *_, info = self.envs.step(action)
+            self.avail = info["avail"]
         else:
             self.obs, *_ = self.envs.step(action)
 
@@ -159,7 +162,7 @@ def decoder_ms_per_step(
         obs = torch.randn(num_envs, n_agents, obs_dim, device=device)
         avail = torch.ones(num_envs, n_agents, act_dim, dtype=torch.bool, device=device)
         calls[n_agents] = (
-            (lambda a=agent, o=obs, m=avail: a.act(o, m)) if bench == "smac" else (lambda a=agent, o=obs: a.act(o))
+            (lambda a=agent, o=obs, m=avail: a.act(o, m)) if bench != "mamujoco" else (lambda a=agent, o=obs: a.act(o))
         )
     return best_ms_per_call(calls, repeats, rounds, device)
 
@@ -174,7 +177,7 @@ def update_ms_per_minibatch(module, bench, n_agents, obs_dim, act_dim, minibatch
     args = module.Args(order="pmat")
     obs = torch.randn(minibatch, n_agents, obs_dim, device=device)
     avail = torch.ones(minibatch, n_agents, act_dim, dtype=torch.bool, device=device)
-    action, log_prob, value, sigma, sigma_log_prob = agent.act(obs, avail) if bench == "smac" else agent.act(obs)
+    action, log_prob, value, sigma, sigma_log_prob = agent.act(obs, avail) if bench != "mamujoco" else agent.act(obs)
     mb = {
         "obs": obs,
         "actions": action,
@@ -185,8 +188,10 @@ def update_ms_per_minibatch(module, bench, n_agents, obs_dim, act_dim, minibatch
         "targets": torch.randn(minibatch, n_agents, device=device),
         "advantages": torch.randn(minibatch, n_agents, device=device),
     }
+    if bench != "mamujoco":  # SMAC and GRF mask unavailable actions; SMAC also leaves dead agents out
+        mb["avail"] = avail
     if bench == "smac":
-        mb["avail"], mb["active"] = avail, torch.ones(minibatch, n_agents, dtype=torch.bool, device=device)
+        mb["active"] = torch.ones(minibatch, n_agents, dtype=torch.bool, device=device)
 
     def step():
         loss, _ = module.ppo_loss(agent, args, mb)

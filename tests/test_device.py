@@ -48,7 +48,7 @@ def meta_agent(module, order):
 
 
 def act(module, agent, obs, avail, deterministic=False):
-    if module.__name__ == "pmat_smac":
+    if module.__name__ != "pmat_mamujoco":  # SMAC and GRF mask the unavailable actions
         return agent.act(obs, avail, deterministic=deterministic)
     return agent.act(obs, deterministic=deterministic)
 
@@ -73,27 +73,25 @@ def expected_buffers(name):
             + common
             + [("no_bootstrap", (T, E, N), f), ("active_buf", (T, E, N), bool_)]
         )
-    return [("obs_buf", (T, E, N, OBS_DIM), f)] + action + common + [("bootstrap_buf", (T, E, N), f)]
+    avail = [("avail_buf", (T, E, N, A), bool_)] if name == "pmat_grf" else []
+    return [("obs_buf", (T, E, N, OBS_DIM), f)] + avail + action + common + [("bootstrap_buf", (T, E, N), f)]
 
 
 def buffers_on(module, device):
-    if module.__name__ == "pmat_mamujoco":
-        return module.rollout_buffers(T, E, N, OBS_DIM, ACT["pmat_mamujoco"], device)
-    if module.__name__ == "pmat_smac":
-        return module.rollout_buffers(T, E, N, OBS_DIM, ACT["pmat_smac"], device)
-    return module.rollout_buffers(T, E, N, OBS_DIM, device)
+    return module.rollout_buffers(T, E, N, OBS_DIM, ACT[module.__name__], device)
 
 
 def rollout_on_meta(module, agent):
     """The training loop's rollout (step 1) with meta observations in place of the envs' -> {buffer name: tensor}."""
     buffers = dict(zip([n for n, _, _ in expected_buffers(module.__name__)], buffers_on(module, META)))
-    smac = module.__name__ == "pmat_smac"
+    smac, masked = module.__name__ == "pmat_smac", module.__name__ != "pmat_mamujoco"
     for step in range(T):
         obs = torch.randn(E, N, OBS_DIM, device=META)
-        avail = torch.ones(E, N, ACT[module.__name__], dtype=torch.bool, device=META) if smac else None
+        avail = torch.ones(E, N, ACT[module.__name__], dtype=torch.bool, device=META) if masked else None
         buffers["obs_buf"][step] = obs
-        if smac:
+        if masked:
             buffers["avail_buf"][step] = avail
+        if smac:
             buffers["active_buf"][step] = module.active_agents(avail, module.SmaxVecEnv.dead_action)
         action, log_prob, value, sigma, sigma_log_prob = act(module, agent, obs, avail)
         assert on_meta(action, log_prob, value, sigma, sigma_log_prob)
@@ -149,8 +147,9 @@ def test_the_training_loop_runs_on_meta(name, order):
         "values": buffers["value_buf"].reshape(-1, N),
         "targets": value_norm.normalize(returns).reshape(-1, N),
     }
-    if smac:
+    if name != "pmat_mamujoco":
         batch["avail"] = buffers["avail_buf"].reshape(-1, N, ACT[name])
+    if smac:
         batch["active"] = buffers["active_buf"].reshape(-1, N)
     batch["advantages"] = module.normalize_advantages(advantages.reshape(-1, N), batch.get("active"))
     assert on_meta(*batch.values())

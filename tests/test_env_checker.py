@@ -2,10 +2,10 @@
 benchmark scripts, on the real environments: what another library's test suite would run before wrapping them.
 
 Checked: `pmat_mamujoco.MaMuJoCoEnv` (Ant 4x2, and Ant 8x1, the split this script builds itself) and
-`pmat_grf.FootballEnv` (academy_3_vs_1_with_keeper, the real gfootball engine). `pmat_smac.py` has no gymnasium
-env: `SmaxVecEnv` and `Sc2VecEnv` are vectors of battles with an API of their own (`reset()` takes no seed and
-returns every battle's observations and action masks; `step` returns obs, masks, rewards, dones and wins, and
-restarts finished battles itself), so the checker does not apply to them.
+`pmat_grf.FootballEnv` (academy_3_vs_1_with_keeper, the real gfootball engine, both representations). `pmat_smac.py`
+has no gymnasium env: `SmaxVecEnv` and `Sc2VecEnv` are vectors of battles with an API of their own (`reset()` takes
+no seed and returns every battle's observations and action masks; `step` returns obs, masks, rewards, dones and wins,
+and restarts finished battles itself), so the checker does not apply to them.
 `test_every_gymnasium_env_class_is_checked` fails when a script gains a gymnasium env class that this file does not
 check.
 
@@ -113,14 +113,18 @@ def test_mamujoco_env_passes_the_checker(agent_conf):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_football_env_passes_the_checker(grf):
-    env = pg.FootballEnv("academy_3_vs_1_with_keeper", 3)
+@pytest.mark.parametrize("representation", ["reference", "simple115v2"])
+def test_football_env_passes_the_checker(grf, representation):
+    env = pg.FootballEnv("academy_3_vs_1_with_keeper", 3, representation)
     assert env.render_mode is None and not env.metadata["render_modes"]
     messages = checker_warnings(env)
-    library_space = env.env.observation_space  # gfootball's own space for simple115v2 (the engine is built now)
-    assert np.isinf(library_space.low).all() and np.isinf(library_space.high).all()
+    if representation == "simple115v2":
+        library_space = env.env.observation_space  # gfootball's own space for simple115v2 (the engine is built now)
+        assert np.isinf(library_space.low).all() and np.isinf(library_space.high).all()
+    else:  # gfootball's raw observation has no space; the features (positions x 2, speeds x 100, ...) no set bound
+        assert not hasattr(env.env.unwrapped, "observation_space")
     assert_only_accepted(messages, UNBOUNDED_OBSERVATIONS)
     assert_seeded_episodes_repeat(
-        env, pg.FootballEnv("academy_3_vs_1_with_keeper", 3), steps=10, random_start=False
+        env, pg.FootballEnv("academy_3_vs_1_with_keeper", 3, representation), steps=10, random_start=False
     )  # the academy scenarios start from fixed positions
     env.close()

@@ -54,6 +54,12 @@ SHARED = [
 ]
 
 
+# pmat_smac.py and pmat_grf.py also share the discrete, masked decoder path (masked logits in the rollout and in the
+# training pass, the masks gathered into the decision order)
+DISCRETE_SCRIPTS = ["pmat_smac", "pmat_grf"]
+DISCRETE_SHARED = ["Decoder", "masked_logits", "PMAT"]
+
+
 def source(module, name):
     obj = module
     for part in name.split("."):
@@ -67,3 +73,9 @@ def test_shared_logic_is_identical_in_every_script(name):
     reference = source(modules[SCRIPTS[0]], name)
     for script, module in modules.items():
         assert source(module, name) == reference, f"{name} in {script}.py differs from {SCRIPTS[0]}.py"
+
+
+@pytest.mark.parametrize("name", DISCRETE_SHARED)
+def test_discrete_logic_is_identical_in_smac_and_grf(name):
+    smac, grf = (importlib.import_module(s) for s in DISCRETE_SCRIPTS)
+    assert source(grf, name) == source(smac, name), f"{name} in pmat_grf.py differs from pmat_smac.py"

@@ -27,15 +27,15 @@ def test_action_names_are_gfootballs(grf):
 def test_film_has_one_frame_per_step_and_marks_the_controlled_players(grf):
     args = pg.Args(order="pmat")
     args.num_agents = pg.check_env_args(args.env_name, args.num_agents, args.rewards)
-    agent = perturbed_agent(pg, "pmat", obs_dim=pg.OBS_DIM, act_dim=pg.GRF_NUM_ACTIONS)
     envs = pg.make_envs(args, 1, async_envs=False)
+    agent = perturbed_agent(pg, "pmat", obs_dim=envs.single_observation_space.shape[1], act_dim=pg.GRF_NUM_ACTIONS)
     frames = list(pg.record_episode(agent, envs, args, "cpu", seed=5))
-    obs, _ = envs.reset(seed=5)  # the same episode again (PMAT's evaluation is deterministic)
+    obs, info = envs.reset(seed=5)  # the same episode again (PMAT's evaluation is deterministic)
     raws, done = [], False
     while not done:
         raws.append(envs.envs[0].env.unwrapped.observation())
-        action = agent.act(torch.as_tensor(obs), deterministic=True)[0]
-        obs, _, terminated, truncated, _ = envs.step(action.numpy())
+        action = agent.act(torch.as_tensor(obs), torch.as_tensor(info["avail"]), deterministic=True)[0]
+        obs, _, terminated, truncated, info = envs.step(action.numpy())
         done = terminated[0] or truncated[0]
     envs.close()
     assert len(frames) == len(raws) > 1 and all(f.shape == (192, 640, 3) for f in frames)
