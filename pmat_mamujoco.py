@@ -1572,4 +1572,5 @@ if __name__ == "__main__":
         in_step = ranks_in_step(flat_params)
         if rank == 0:
             print(f"torchrun: the weights are identical on {in_step} of {world_size} ranks", flush=True)
+        dist.barrier()  # every rank done with the group before any tears it down (else gloo can abort a rank at exit)
         dist.destroy_process_group()

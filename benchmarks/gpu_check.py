@@ -40,9 +40,9 @@ SIZES = {
 def one_update(module, device, seed=0):
     """One PPO update (ValueNorm, advantages, 2 mini-batch steps) of a small agent on a seeded synthetic batch ->
     the new flat weights. Collectives run when a process group is up (torchrun), else not."""
-    smac = module.__name__ == "pmat_smac"
+    smac, masked = module.__name__ == "pmat_smac", module.__name__ != "pmat_mamujoco"  # SMAC and GRF mask actions
     torch.manual_seed(seed)
-    n_agents, obs_dim, act = 3, 9, (6 if smac else 2)
+    n_agents, obs_dim, act = 3, 9, (6 if masked else 2)
     agent = module.PMAT(obs_dim, act, "pmat", n_embd=16, n_head=2, n_block=1).to(device)
     with torch.no_grad():
         for p in agent.parameters():
@@ -55,7 +55,7 @@ def one_update(module, device, seed=0):
     obs = torch.randn(B, n_agents, obs_dim, device=device)
     avail = torch.rand(B, n_agents, act, device=device) < 0.7
     avail[..., module.SmaxVecEnv.dead_action if smac else 0] = True  # at least one available action
-    action, log_prob, value, sigma, sigma_log_prob = agent.act(obs, avail) if smac else agent.act(obs)
+    action, log_prob, value, sigma, sigma_log_prob = agent.act(obs, avail) if masked else agent.act(obs)
     returns = 3.0 * torch.randn(B, n_agents, device=device)
     value_norm.update(returns)
     active = module.active_agents(avail, module.SmaxVecEnv.dead_action) if smac else None
@@ -69,8 +69,10 @@ def one_update(module, device, seed=0):
         "targets": value_norm.normalize(returns),
         "advantages": module.normalize_advantages(torch.randn(B, n_agents, device=device), active),
     }
+    if masked:
+        batch["avail"] = avail
     if smac:
-        batch["avail"], batch["active"] = avail, active
+        batch["active"] = active
     for mb_inds in torch.randperm(B, device=device).view(2, B // 2):
         loss, _ = module.ppo_loss(agent, args, {key: tensor[mb_inds] for key, tensor in batch.items()})
         assert module.guarded_step(optimizer, flat_params, loss, args.max_grad_norm), "the update was skipped"

@@ -97,4 +97,5 @@ if __name__ == "__main__":
     torch.distributed.all_gather(gathered, weights)  # the test also checks that the ranks agree
     if rank == 0:
         torch.save({"weights": weights, "value_stats": value_stats, "all_ranks": gathered}, sys.argv[1])
+    torch.distributed.barrier()  # as the scripts: no rank tears the group down while another still uses it
     torch.distributed.destroy_process_group()
