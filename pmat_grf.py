@@ -1523,6 +1523,8 @@ if __name__ == "__main__":
         sys.exit(
             f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
             f"or choose another --run-dir"
+            if rank == 0
+            else 1  # torchrun: one line, from rank 0
         )
     writer = None  # rank 0 alone logs, evaluates, prints and saves
     if rank == 0 and args.track:
