@@ -849,6 +849,8 @@ def check_compiler(device):
 # Long runs: flag checks, checkpoints and --resume, the non-finite guard
 # ---------------------------------------------------------------------------------------------------------------
 CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint_prev.pt"  # in the run folder: the newest, the one before
+# The flags that define a run (env, order, network, seed): --resume and --eval-only refuse other values for them
+FIXED_FLAGS = ("scenario", "agent_conf", "agent_obsk", "order", "n_block", "n_embd", "n_head", "seed")
 
 
 def check_args(args):
@@ -871,9 +873,9 @@ def check_args(args):
     ):
         if getattr(args, name) < 1:
             bad(name, "at least 1")
-    for name in ("eval_interval", "checkpoint_interval"):
+    for name in ("eval_interval", "checkpoint_interval", "seed"):
         if getattr(args, name) < 0:
-            bad(name, "at least 0 (0: off)")
+            bad(name, "at least 0" + (" (0: off)" if name != "seed" else ""))
     if args.n_embd % args.n_head != 0:
         bad("n_embd", f"a multiple of --n-head ({args.n_head})")
     for name in ("learning_rate", "max_grad_norm", "huber_delta"):
@@ -989,12 +991,15 @@ def resume_args(args, fixed):
     return given, checkpoint, path
 
 
-def restore_checkpoint(checkpoint, agent, optimizer, value_norm):
-    """--resume: put the checkpoint's weights (copied into the flat parameter's views), Adam's state, ValueNorm and
-    the RNG states of python, numpy and torch back into this process."""
+def restore_checkpoint(checkpoint, agent, optimizer, value_norm, restore_rng=True):
+    """--resume: put the checkpoint's weights (copied into the flat parameter's views), Adam's state, ValueNorm and,
+    with restore_rng, the RNG states of python, numpy and torch back into this process. The checkpoint holds rank
+    0's random streams: torchrun's other ranks keep their own (stream_seed of their rank and the resume's step)."""
     agent.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     value_norm.load_state_dict(checkpoint["value_norm"])
+    if not restore_rng:
+        return
     rng = checkpoint["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -1172,12 +1177,18 @@ def load_trained(args):
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         sys.exit(f"error: --resume {path} is not a checkpoint or --save-model file of {os.path.basename(__file__)} ({reason})")
     names = [field.name for field in fields(Args)]
+    saved = {**saved, "capture_video": False}  # films only when this command line asks for them
     given = tyro.cli(Args, default=Args(**{name: value for name, value in saved.items() if name in names}))
-    return agent, given, os.path.dirname(os.path.abspath(path)), state.get("global_step")
+    differ = [n for n in FIXED_FLAGS if n != "seed" and n in saved and getattr(given, n) != saved[n]]  # seed: new episodes
+    if differ:
+        flags = ", ".join(f"--{name.replace('_', '-')} {saved[name]}" for name in differ)
+        sys.exit(f"error: --eval-only --resume {path} was trained with {flags}: leave these flags out (they define the run)")
+    return agent, given, os.path.dirname(os.path.abspath(path)), state
 
 
 VIDEO_SIZE = 320  # the rendered scene, VIDEO_SIZE x VIDEO_SIZE pixels
-MUJOCO_RENDER_PACKAGES = "libegl1 libopengl0 libgl1-mesa-dri"  # EGL, OpenGL and Mesa's software renderer (llvmpipe)
+# EGL, OpenGL and Mesa's software renderer (llvmpipe): scripts/install_render.sh installs them
+MUJOCO_RENDER_PACKAGES = "libegl1 libegl-mesa0 libopengl0 libgl1-mesa-dri"
 
 
 def check_video(args):
@@ -1253,7 +1264,8 @@ def record_video(agent, args, device, run_dir, global_step, writer):
 def eval_only(args):
     """--eval-only --resume RUN: evaluate RUN's trained policy on fresh episodes and print the result; with
     --capture-video also film one episode into RUN/videos. No training, nothing else written."""
-    agent, args, run_dir, global_step = load_trained(args)
+    agent, args, run_dir, state = load_trained(args)
+    global_step = state.get("global_step")  # None for a --save-model file
     args.track = False  # nothing is logged
     check_args(args)
     if args.capture_video:
@@ -1277,9 +1289,7 @@ if __name__ == "__main__":
         sys.exit(eval_only(args))
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
     if args.resume:  # the flags that define the run must stay as the checkpoint has them
-        args, checkpoint, checkpoint_path = resume_args(
-            args, ("scenario", "agent_conf", "agent_obsk", "order", "n_block", "n_embd", "n_head", "seed")
-        )
+        args, checkpoint, checkpoint_path = resume_args(args, FIXED_FLAGS)
     check_args(args)
     if args.capture_video:
         check_video(args)
@@ -1397,7 +1407,7 @@ if __name__ == "__main__":
 
     start_iteration, global_step = 1, 0
     if checkpoint is not None:  # last, so that nothing above draws from the restored RNG streams
-        restore_checkpoint(checkpoint, agent, optimizer, value_norm)
+        restore_checkpoint(checkpoint, agent, optimizer, value_norm, restore_rng=rank == 0)
         optimizer.param_groups[0]["lr"] = args.learning_rate  # may have changed on resume
         start_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         if rank == 0:

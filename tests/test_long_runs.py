@@ -101,6 +101,7 @@ BAD_FLAGS = [
     ({"gamma": 1.5}, "error: --gamma must be between 0 and 1, got 1.5"),
     ({"eval_interval": -1}, "error: --eval-interval must be at least 0 (0: off), got -1"),
     ({"checkpoint_interval": -5}, "error: --checkpoint-interval must be at least 0 (0: off), got -5"),
+    ({"seed": -1}, "error: --seed must be at least 0, got -1"),  # SeedSequence takes no negative seed
 ]
 
 
@@ -500,3 +501,18 @@ def test_an_ablation_folder_that_cannot_be_made_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and "Traceback" not in result.stderr and len(lines) == 1, result.stderr
     assert lines[0] == f"rmat_ablation.py: error: --out-dir {out} cannot be created or written (Not a directory: {out})"
+
+
+def test_only_rank_0_takes_the_checkpoints_random_streams(one_iteration):
+    """The checkpoint holds rank 0's RNG states: restore_checkpoint(restore_rng=False), as torchrun's other ranks call
+    it, restores the weights, Adam and ValueNorm but leaves this process's random streams as they were."""
+    checkpoint = load(one_iteration / "checkpoint.pt")
+    for restore_rng in (True, False):
+        pm.seed_process(pm.stream_seed(1, "process", rank=1, start_step=checkpoint["global_step"]))
+        agent = pm.PMAT(checkpoint["obs_dim"], checkpoint["act_dim"])
+        flat = pm.flatten_parameters(agent)
+        optimizer = torch.optim.Adam([flat], lr=1e-3, eps=1e-5)
+        before = torch.get_rng_state()
+        pm.restore_checkpoint(checkpoint, agent, optimizer, pm.ValueNorm(), restore_rng=restore_rng)
+        assert torch.equal(torch.get_rng_state(), checkpoint["rng"]["torch"] if restore_rng else before)
+        assert all(torch.equal(p, checkpoint["model"][k]) for k, p in agent.state_dict().items())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, perturbed_agent, read_scalars, run_script
 
-EGL_PACKAGES = "libegl1 libopengl0 libgl1-mesa-dri"
+EGL_PACKAGES = "libegl1 libegl-mesa0 libopengl0 libgl1-mesa-dri"
 
 
 def decoded(path):
@@ -268,4 +268,23 @@ def test_mujoco_renderer_that_cannot_start_is_one_line():
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: --capture-video: MuJoCo cannot render headless with MUJOCO_GL=no-such-backend")
-    assert "apt-get install libegl1 libopengl0 libgl1-mesa-dri" in result.stderr
+    assert "apt-get install libegl1 libegl-mesa0 libopengl0 libgl1-mesa-dri" in result.stderr
+
+
+def test_eval_only_keeps_the_runs_set_up_and_films_only_when_asked(tmp_path):
+    """A MuJoCo run trained with --capture-video, evaluated with --eval-only: without the flag nothing is filmed (the
+    saved flag is not inherited), and a flag that defines the run (here --agent-obsk) given another value is one line,
+    not a shape error from inside the network. Eval-only builds no renderer without the flag (no EGL needed)."""
+    run_dir = tmp_path / "run"
+    result = run_script("pmat_mamujoco.py", *MUJOCO_TINY, "--eval-interval", "0", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    checkpoint["args"]["capture_video"] = True  # as if it had been trained with --capture-video
+    torch.save(checkpoint, run_dir / "checkpoint.pt")
+    result = blocked_run("pmat_mamujoco.py", ["--eval-only", "--resume", str(run_dir)])
+    assert result.returncode == 0 and "eval: return" in result.stdout, result.stderr[-3000:]
+    assert not (run_dir / "videos").exists()
+    result = run_script("pmat_mamujoco.py", "--eval-only", "--resume", str(run_dir), "--agent-obsk", "1")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[-1].startswith(f"error: --eval-only --resume {run_dir}") and "--agent-obsk 2" in lines[-1]
