@@ -152,6 +152,10 @@ def test_smax_run_and_eval_only_write_decodable_mp4s(tmp_path):
     assert "eval: win rate" in result.stdout and "iter" not in result.stdout
     (count,) = video_frames_printed(result.stdout)
     assert decoded(os.path.join(run_dir, "videos", "eval_20.mp4")).shape == (count, 320, 544, 3)
+    # the run was trained on SMAX: evaluating it on another backend is one line (auto would pick the trained one)
+    result = run_script("pmat_smac.py", "--eval-only", "--resume", run_dir, "--backend", "sc2")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].endswith("was trained on the smax backend: give --backend smax")
 
 
 def blocked_run(script, flags):
