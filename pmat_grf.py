@@ -1691,7 +1691,7 @@ if __name__ == "__main__":
 
         # 3. PPO epochs: per mini-batch, the clipped policy loss (eq. 5-6), the ranking loss on the stored orders
         #    (eq. 15-16), the entropy and the clipped value loss, then one clipped Adam step (guarded_step)
-        clipfracs, skipped = [], 0
+        mb_logged, skipped = [], 0  # each mini-batch's logged values
         n_samples, mb_size = T * E, T * E // args.num_minibatches  # this rank's share (with torchrun, 1/W of the whole)
         for epoch in range(args.update_epochs):
             b_inds = torch.randperm(n_samples, device=device)
@@ -1710,8 +1710,8 @@ if __name__ == "__main__":
                         if eval_envs is not None:
                             eval_envs.close()
                         sys.exit(nonfinite_error(skipped_in_a_row, checkpoint_path) if rank == 0 else 1)
-                clipfracs.append(logged["clipfrac"])
-        logged["clipfrac"] = torch.stack(clipfracs).mean()  # over every mini-batch; the other values: the last mini-batch's
+                mb_logged.append(logged)
+        logged = {name: torch.stack([m[name] for m in mb_logged]).mean() for name in logged}  # over every mini-batch
 
         with torch.no_grad():
             y_true, y_pred = returns.flatten(), values.flatten()

@@ -516,3 +516,29 @@ def test_only_rank_0_takes_the_checkpoints_random_streams(one_iteration):
         pm.restore_checkpoint(checkpoint, agent, optimizer, pm.ValueNorm(), restore_rng=restore_rng)
         assert torch.equal(torch.get_rng_state(), checkpoint["rng"]["torch"] if restore_rng else before)
         assert all(torch.equal(p, checkpoint["model"][k]) for k, p in agent.state_dict().items())
+
+
+def test_logged_losses_are_the_mean_over_the_iterations_minibatches(tmp_path, monkeypatch):
+    """losses/* of an iteration are the means over its mini-batches (not the last mini-batch's): one iteration of RUN
+    (4 mini-batch updates) in this process, the script's ppo_loss wrapped to record what each mini-batch returned."""
+    path = os.path.join(conftest.ROOT, "pmat_mamujoco.py")
+    head, main = open(path).read().split('\nif __name__ == "__main__":\n')
+    namespace = {"__name__": "pmat_mamujoco_run", "__file__": path}
+    exec(compile(head, path, "exec"), namespace)  # the script's definitions
+    seen, real = [], namespace["ppo_loss"]
+
+    def recording(agent, args, mb):
+        loss, logged = real(agent, args, mb)
+        seen.append({name: x.item() for name, x in logged.items()})
+        return loss, logged
+
+    namespace["ppo_loss"] = recording
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["pmat_mamujoco.py", *RUN, "--run-dir", str(run_dir), "--total-timesteps", str(STEPS)])
+    exec(compile("if True:\n" + main, path, "exec"), namespace)  # the script's main block, as `python` runs it
+    assert len(seen) == UPDATES
+    scalars = read_scalars(str(run_dir))
+    for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac"):
+        mean = sum(m[name] for m in seen) / UPDATES
+        assert scalars[f"losses/{name}"][0][1] == pytest.approx(mean, rel=1e-5, abs=1e-7), name
+    assert len({m["value_loss"] for m in seen}) > 1  # the mini-batches differ, so the mean is not the last one's
