@@ -37,6 +37,20 @@ def read_scalars(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def count_env0_steps(envs):
+    """Wrap envs.step (a SMAC vector env) so that each call appends whether env 0's battle ended; returns that list,
+    an independent count of the steps env 0 took."""
+    ends, step = [], envs.step
+
+    def counting_step(actions):
+        out = step(actions)
+        ends.append(bool(out[3][0]))
+        return out
+
+    envs.step = counting_step
+    return ends
+
+
 def perturbed_agent(module, order, obs_dim, act_dim, seed=0):
     """A small PMAT from `module` (a benchmark script) whose weights are moved away from the near-zero init, so
     every input really changes the outputs."""

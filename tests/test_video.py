@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, perturbed_agent, read_scalars, run_script
+from conftest import ROOT, count_env0_steps, perturbed_agent, read_scalars, run_script
 
 EGL_PACKAGES = "libegl1 libegl-mesa0 libopengl0 libgl1-mesa-dri"
 
@@ -118,14 +118,7 @@ def test_smax_film_has_one_frame_per_step_of_env_0s_battle():
     ps.setup_jax("")
     envs = ps.make_envs(ps.Args(map="3m", smax_max_steps=20), "smax", 2, seed=3)
     agent = perturbed_agent(ps, "pmat", obs_dim=envs.obs_dim, act_dim=envs.n_actions)
-    steps, step = [], envs.step
-
-    def counting_step(actions):  # an independent count: the steps env 0 took until its battle ended
-        out = step(actions)
-        steps.append(bool(out[3][0]))
-        return out
-
-    envs.step = counting_step
+    steps = count_env0_steps(envs)  # an independent count: the steps env 0 took until its battle ended
     keys = np.array(envs.keys)
     frames = list(ps.record_episode(agent, envs, ps.Args(map="3m", smax_max_steps=20), "smax", "cpu"))
     assert len(frames) == steps.index(True) + 1 == len(steps) and 1 < len(frames) <= 20

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import perturbed_agent
+from conftest import count_env0_steps, perturbed_agent
 
 import pmat_smac as ps
 
@@ -31,14 +31,7 @@ def test_sc2_units_and_film_of_env_0s_battle(fake_game):
         assert units["alive"].all() and np.allclose(units["health"], 1) and np.allclose(units["radius"], 0.375)
         assert units["map_size"] == (32, 32) and not units["healer"].any()
         agent = perturbed_agent(ps, "rmat", obs_dim=envs.obs_dim, act_dim=envs.n_actions)
-        steps, step = [], envs.step
-
-        def counting_step(actions):  # an independent count: the steps env 0 took until its battle ended
-            out = step(actions)
-            steps.append(bool(out[3][0]))
-            return out
-
-        envs.step = counting_step
+        steps = count_env0_steps(envs)  # an independent count: the steps env 0 took until its battle ended
         frames = list(ps.record_episode(agent, envs, ps.Args(map="3m"), "sc2", "cpu"))
         assert len(frames) == len(steps) == steps.index(True) + 1 > 1
         assert all(f.shape == (320, 544, 3) for f in frames)
