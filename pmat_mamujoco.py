@@ -12,6 +12,11 @@ PMAT = MAT + AGPS:
 Shapes in comments: B batch, N agents, L positions, C = n_embd, H heads, A action size (or count), T = num_steps,
 E = this rank's envs, M = mini-batch size, W = torchrun ranks. "Position k" is the k-th agent to act, sigma(k).
 
+The file reads in two parts. Part I is the algorithm, complete: flags, the env wrapper, Plackett-Luce orders, the
+network, GAE, the losses and the training loop, train(). Part II, after it, is the machinery that a long run on
+several GPUs needs (speed-ups, torchrun, flag checks, checkpoints, evaluation, videos); Part II can be skipped on a
+first reading.
+
 Run:  python pmat_mamujoco.py --scenario Ant --agent-conf 4x2        (see --help for every flag)
 """
 
@@ -39,42 +44,6 @@ from torch.utils.tensorboard import SummaryWriter
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = False
-    """if toggled, train on the GPU (falls back to the CPU with a warning when CUDA is missing)"""
-    torch_threads: int = 1
-    """CPU threads for torch (1 is fastest for these small networks and leaves the cores to the envs)"""
-    compile: bool = False
-    """if toggled, torch.compile the rollout policy and the PPO loss: a slow start-up (faster when cached; needs a
-    C++ compiler on the CPU, a C compiler on the GPU), then a faster rollout and update (see docs/speed.md)"""
-    track: bool = False
-    """if toggled, also log to Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "pmat"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    save_model: bool = False
-    """if toggled, save the model to `{run_dir}/{exp_name}.cleanrl_model` at the end"""
-    run_dir: Optional[str] = None
-    """folder for this run's tensorboard events and checkpoint (default: runs/{run_name})"""
-    checkpoint_interval: int = 10
-    """iterations between checkpoints `{run_dir}/checkpoint.pt` (written atomically; also after the last iteration;
-    the one before is kept as checkpoint_prev.pt); 0: none"""
-    resume: Optional[str] = None
-    """RUN_DIR or checkpoint file to continue from: its remaining iterations, in its folder, with its flags unless
-    given again (the env, order, network and seed must stay; see README, Long runs)"""
-    capture_video: bool = False
-    """if toggled, film one episode of the evaluation policy at each evaluation into `{run_dir}/videos/eval_{step}.mp4`,
-    each agent's rank in the step's decision order drawn on it (needs imageio-ffmpeg; README, Videos)"""
-    eval_only: bool = False
-    """if toggled, train nothing: evaluate the policy of --resume RUN (a run folder, checkpoint or --save-model file);
-    with --capture-video, film it into RUN/videos"""
-
     # Environment
     scenario: str = "Ant"
     """the MuJoCo robot (see MAMUJOCO_SPLITS below)"""
@@ -89,6 +58,8 @@ class Args:
     # Algorithm
     order: Literal["pmat", "mat", "rmat"] = "pmat"
     """decision order: pmat = learned Plackett-Luce order, mat = fixed agent order, rmat = uniformly random order"""
+    seed: int = 1
+    """seed of the experiment"""
     total_timesteps: int = 10_000_000
     """total env steps of the experiment (one step of one env moves all agents)"""
     learning_rate: float = 5e-5
@@ -130,14 +101,53 @@ class Args:
     eval_episodes: int = 5
     """episodes per evaluation"""
 
-    # filled in at runtime
+    # Running: devices, logging, checkpoints, videos (the machinery in Part II)
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """if toggled, train on the GPU (falls back to the CPU with a warning when CUDA is missing)"""
+    torch_threads: int = 1
+    """CPU threads for torch (1 is fastest for these small networks and leaves the cores to the envs)"""
+    compile: bool = False
+    """if toggled, torch.compile the rollout policy and the PPO loss: a slow start-up (faster when cached; needs a
+    C++ compiler on the CPU, a C compiler on the GPU), then a faster rollout and update (see docs/speed.md)"""
+    track: bool = False
+    """if toggled, also log to Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "pmat"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """if toggled, save the model to `{run_dir}/{exp_name}.cleanrl_model` at the end"""
+    run_dir: Optional[str] = None
+    """folder for this run's tensorboard events and checkpoint (default: runs/{run_name})"""
+    checkpoint_interval: int = 10
+    """iterations between checkpoints `{run_dir}/checkpoint.pt` (written atomically; also after the last iteration;
+    the one before is kept as checkpoint_prev.pt); 0: none"""
+    resume: Optional[str] = None
+    """RUN_DIR or checkpoint file to continue from: its remaining iterations, in its folder, with its flags unless
+    given again (the env, order, network and seed must stay; see README, Long runs)"""
+    capture_video: bool = False
+    """if toggled, film one episode of the evaluation policy at each evaluation into `{run_dir}/videos/eval_{step}.mp4`,
+    each agent's rank in the step's decision order drawn on it (needs imageio-ffmpeg; README, Videos)"""
+    eval_only: bool = False
+    """if toggled, train nothing: evaluate the policy of --resume RUN (a run folder, checkpoint or --save-model file);
+    with --capture-video, film it into RUN/videos"""
+
+    # filled in at runtime (count_iterations)
     batch_size: int = 0
-    minibatch_size: int = 0
     num_iterations: int = 0
 
 
+# ===============================================================================================================
+# Part I: the algorithm. Environment, Plackett-Luce orders, network, GAE, losses, the training loop.
+# ===============================================================================================================
+
 # ---------------------------------------------------------------------------------------------------------------
 # Environment: Multi-Agent MuJoCo (gymnasium-robotics mamujoco_v1, a PettingZoo parallel env)
+# (its flag checks and the import with a clear message when a library is missing: Part II, Flag checks)
 # ---------------------------------------------------------------------------------------------------------------
 # Agent splits this script runs. Ant 8x1, one agent per joint, is not built in: it is made from the 4x2 graph by
 # giving every joint its own agent. Humanoid and HumanoidStandup 9|8 (upper body 9 joints, legs 8) and Pusher 3p
@@ -153,35 +163,6 @@ MAMUJOCO_SPLITS = {
     "HumanoidStandup": ["9|8"],
     "Pusher": ["3p"],
 }
-
-
-def check_env_args(scenario, agent_conf):
-    """Exit with a clear message on an unknown scenario or agent split."""
-    accepted = "; ".join(f"{s}: {', '.join(c)}" for s, c in MAMUJOCO_SPLITS.items())
-    if scenario not in MAMUJOCO_SPLITS:
-        sys.exit(f"error: unknown --scenario {scenario!r}. Accepted scenarios and --agent-conf splits: {accepted}")
-    if agent_conf not in MAMUJOCO_SPLITS[scenario]:
-        sys.exit(
-            f"error: unknown --agent-conf {agent_conf!r} for {scenario}. "
-            f"Accepted for {scenario}: {', '.join(MAMUJOCO_SPLITS[scenario])}"
-        )
-    try:
-        import_mamujoco()
-    except ImportError:
-        sys.exit("error: Multi-Agent MuJoCo needs gymnasium-robotics and mujoco: pip install -r requirements.txt")
-
-
-def import_mamujoco():
-    """`from gymnasium_robotics import mamujoco_v1`, minus the one notice gymnasium-robotics prints to stderr at
-    import (about the AdroitHand envs' rewards, which this script does not use); all other stderr output stays."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            from gymnasium_robotics import mamujoco_v1
-    finally:
-        lines = captured.getvalue().splitlines(keepends=True)
-        sys.stderr.write("".join(line for line in lines if "reward functions were updated" not in line))
-    return mamujoco_v1
 
 
 def make_mamujoco(scenario, agent_conf, agent_obsk):
@@ -428,43 +409,6 @@ class Decoder(nn.Module):
         return 0.5 * torch.sigmoid(self.std_logit)  # (A,), or (N, A) per agent
 
 
-# Speed-up for the rollout: key/value-cached decoding, with the same outputs as Decoder.forward (a test compares
-# them position by position). The rollout decodes one position at a time; Decoder.forward on positions 0..k at
-# every step k would redo the earlier positions. These run position k alone and keep the keys and values of
-# positions < k in a cache: one (B, N, 2C) tensor per attention layer.
-def new_caches(decoder, batch, n_agents):
-    """Empty caches for one act() call: per decode block, one (B, N, 2C) tensor per attention layer."""
-    C = decoder.ln.normalized_shape[0]
-    return [[torch.zeros(batch, n_agents, 2 * C, device=decoder.ln.weight.device) for _ in range(2)] for _ in decoder.blocks]
-
-
-def attention_step(attn, query, key_value, cache, pos):  # (B, C) the inputs of position pos; cache (B, N, 2C)
-    """A causal Attention.forward for position pos only: it attends to positions 0..pos, whose keys and values are
-    in cache (those of pos are added here; later positions are not there yet, so no mask is needed)."""
-    B, C = query.shape
-    H = attn.n_head
-    cache[:, pos] = attn.key_value(key_value)  # (B, 2C)
-    q = attn.query(query).view(B, H, 1, C // H)  # (B, H, 1, C/H)
-    k, v = cache[:, : pos + 1].view(B, pos + 1, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, pos+1, C/H)
-    y = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, C/H)
-    return attn.proj(y.reshape(B, C))  # (B, C)
-
-
-def decode_block_step(block, x, rep, caches, pos):  # (B, C) position pos's action embedding and encoding
-    """DecodeBlock.forward for position pos only; caches: the block's two, self- and cross-attention."""
-    x = block.ln1(x + attention_step(block.attn1, x, x, caches[0], pos))
-    x = block.ln2(rep + attention_step(block.attn2, rep, x, caches[1], pos))
-    return block.ln3(x + block.mlp(x))
-
-
-def decoder_step(decoder, prev_action, rep, caches, pos):  # position pos-1's action input, (B, C) pos's encoding
-    """Decoder.forward for position pos only -> (B, A): the head's output (Gaussian mean or logits) for sigma(pos)."""
-    x = decoder.ln(decoder.action_encoder(prev_action))  # (B, C)
-    for block, block_caches in zip(decoder.blocks, caches):
-        x = decode_block_step(block, x, rep, block_caches, pos)
-    return decoder.head(x)  # (B, A)
-
-
 def gaussian_log_prob(action, mean, std, mask=None):
     """log N(action | mean, std^2) summed over action dimensions: (..., A) -> (...). mask (..., A) bool: sum over
     the real dimensions only (padded ones add exactly 0 and pass no gradient back)."""
@@ -541,7 +485,7 @@ class PMAT(nn.Module):
             #     for k in range(N): out_k = self.decoder(prev[:, : k + 1], rep_sigma[:, : k + 1])[:, k]
             # (prev[:, j]: the action drawn at position j - 1; zeros or the start token at j = 0),
             # which runs positions 0..k again at every k. Speed-up, same outputs: decoder_step runs position k alone
-            # and reads the keys and values of positions < k from a cache (the functions after Decoder).
+            # and reads the keys and values of positions < k from a cache (Part II, Speed-ups).
             caches = new_caches(self.decoder, B, N)
             std, mask = self.decoder.std(), self.action_mask  # (A,) and None: every agent has all A dimensions
             if mask is not None:  # agents of different sizes: (N, A) each -> (B, N, A), in decision order like rep_sigma
@@ -588,61 +532,7 @@ class PMAT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data-parallel training with torchrun (in a plain `python` run these do nothing)
-# ---------------------------------------------------------------------------------------------------------------
-def setup_distributed(cuda):
-    """torchrun starts one process (rank) per GPU or CPU slot and sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
-    `python` run is rank 0 of 1. Returns (rank, world_size, device): with --cuda, rank r trains on GPU LOCAL_RANK and
-    the ranks talk over NCCL, else on the CPU over gloo."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if cuda and not torch.cuda.is_available():
-        print("warning: --cuda given but CUDA is not available; training on the CPU")
-    use_cuda = cuda and torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if world_size > 1:
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world_size, device
-
-
-def all_reduce_sum(x):
-    """Sum the tensor x over all ranks, in place (one all_reduce call); x itself in a single process."""
-    if dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
-def all_reduce_mean(x):
-    """Average the tensor x over all ranks, in place: the ranks' gradients, or statistics of equal-sized batches."""
-    if dist.is_initialized():
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
-
-
-def normalize_advantages(advantages, active=None):
-    """(A - mean) / (std + 1e-5) with the mean and the (unbiased) std of every rank's advantages, so that W ranks
-    normalise exactly as one process with the union of their batches; over the active entries only when given
-    (SMAC: alive agents, as MAT). advantages (T*E, N), the whole rollout; active the same shape, bool, or None.
-    Weighted sums, not advantages[active]: the same statistics with no shape that depends on the data (so no device
-    sync on the GPU, and it runs on the meta device, see tests/test_device.py)."""
-    weight = torch.ones_like(advantages) if active is None else active.to(advantages.dtype)  # (T*E, N) 1: counted
-    count, total = all_reduce_sum(torch.stack([weight.sum(), (weight * advantages).sum()]))
-    mean = total / count
-    std = (all_reduce_sum((weight * (advantages - mean) ** 2).sum()) / (count - 1)).sqrt()
-    return (advantages - mean) / (std + 1e-5)
-
-
-def ranks_in_step(flat_params):
-    """torchrun: how many ranks hold exactly rank 0's weights (all of them, unless something broke the lockstep)."""
-    reference = flat_params.detach().clone()
-    dist.broadcast(reference, src=0)
-    return int(all_reduce_sum(torch.tensor(float(torch.equal(reference, flat_params.detach())), device=reference.device)))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Value normalisation and GAE
+# Value normalisation, GAE and advantage normalisation
 # ---------------------------------------------------------------------------------------------------------------
 class ValueNorm(nn.Module):
     """Running mean and variance of the value targets (debiased EMA); the critic learns normalised targets."""
@@ -694,29 +584,22 @@ def compute_gae(rewards, values, dones, bootstrap, next_value, gamma, gae_lambda
     return advantages, advantages + values
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# PPO update: the clipped losses (eq. 5-6, 15-16) and the optimizer's flat parameters
-# ---------------------------------------------------------------------------------------------------------------
-def flatten_parameters(module):
-    """Move all parameters of module, and their gradients, into one flat tensor each, and return that flat tensor
-    as a single Parameter for the optimizer. The module's parameters become views into it, so the module works as
-    before, but Adam, gradient clipping and zeroing each run as a few ops on one tensor instead of a few per
-    parameter tensor (about 70 here), a measurable share of a PPO mini-batch step with these small networks.
-    Call it after module.to(device); zero the gradient with optimizer.zero_grad(set_to_none=False)."""
-    params = list(module.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    flat_grad = torch.zeros_like(flat)
-    offset = 0
-    for p in params:
-        p.data = flat[offset : offset + p.numel()].view_as(p)  # same values, now stored inside flat
-        p.grad = flat_grad[offset : offset + p.numel()].view_as(p)  # backward adds into it in place
-        offset += p.numel()
-    flat_param = nn.Parameter(flat)
-    flat_param.grad = flat_grad
-    flat_param.first_view = params[0]  # guarded_step checks that backward still adds into flat_grad through it
-    return flat_param
+def normalize_advantages(advantages, active=None):
+    """(A - mean) / (std + 1e-5) with the mean and the (unbiased) std of every rank's advantages, so that W ranks
+    normalise exactly as one process with the union of their batches; over the active entries only when given
+    (SMAC: alive agents, as MAT). advantages (T*E, N), the whole rollout; active the same shape, bool, or None.
+    Weighted sums, not advantages[active]: the same statistics with no shape that depends on the data (so no device
+    sync on the GPU, and it runs on the meta device, see tests/test_device.py)."""
+    weight = torch.ones_like(advantages) if active is None else active.to(advantages.dtype)  # (T*E, N) 1: counted
+    count, total = all_reduce_sum(torch.stack([weight.sum(), (weight * advantages).sum()]))
+    mean = total / count
+    std = (all_reduce_sum((weight * (advantages - mean) ** 2).sum()) / (count - 1)).sqrt()
+    return (advantages - mean) / (std + 1e-5)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# PPO update: the clipped losses (eq. 5-6, 15-16) and the optimizer step
+# ---------------------------------------------------------------------------------------------------------------
 def masked_mean(x, mask):
     """The mean of x over the entries where mask is True (all entries when mask is None). (M, N) -> ()"""
     return x.mean() if mask is None else (x * mask).sum() / mask.sum().clamp(min=1)
@@ -776,8 +659,30 @@ def ppo_loss(agent, args, mb):
     return loss, {name: value.detach() for name, value in logged.items()}
 
 
+def guarded_step(optimizer, flat_params, loss, max_grad_norm):
+    """Backward, clip the gradient norm to max_grad_norm, and step, unless the loss or the gradient norm is not finite:
+    then the step is skipped (returns False) and the weights and Adam's state stay as they were."""
+    optimizer.zero_grad(set_to_none=False)  # keep the flat gradient the parameters' grads are views of
+    loss.backward()
+    first = flat_params.first_view  # zero_grad() / module.zero_grad() would cut the gradients off: fail loudly
+    if flat_params.grad is None or first.grad is None or first.grad.data_ptr() != flat_params.grad.data_ptr():
+        raise RuntimeError(
+            "the gradients no longer reach the flat parameter, so Adam would not see them and the weights "
+            "would stop changing: zero them with optimizer.zero_grad(set_to_none=False), not "
+            "optimizer.zero_grad() or module.zero_grad() (flatten_parameters keeps all of them in one tensor)"
+        )
+    if dist.is_initialized():  # torchrun: every rank steps with the mean of the ranks' gradients
+        flat_params.grad.add_(loss.detach() * 0)  # a non-finite loss on one rank turns every rank's gradient into nan
+        all_reduce_mean(flat_params.grad)  # one call for all weights (they are one flat tensor)
+    grad_norm = nn.utils.clip_grad_norm_([flat_params], max_grad_norm)
+    if not torch.isfinite(loss.detach() + grad_norm):  # one check (one device sync) for both: nan or inf in either
+        return False
+    optimizer.step()
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Rollout storage: the training loop's buffers
+# The training loop
 # ---------------------------------------------------------------------------------------------------------------
 def rollout_buffers(T, E, N, obs_dim, act_dim, device):
     """The training loop's rollout storage, time-major, zeros on `device` (E: this rank's envs), in this order:
@@ -797,35 +702,325 @@ def rollout_buffers(T, E, N, obs_dim, act_dim, device):
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation and checkpoints
-# ---------------------------------------------------------------------------------------------------------------
-def evaluate_policy(agent, envs, episodes, device):
-    """Deterministic order and deterministic actions; returns the return of each of `episodes` episodes. Env e plays
-    a fixed quota of episodes, so that short episodes (the robot fell) do not crowd out long ones in the average."""
-    quota = np.full(envs.num_envs, episodes // envs.num_envs)
-    quota[: episodes % envs.num_envs] += 1
-    obs, _ = envs.reset()
-    total, returns = np.zeros(envs.num_envs), []
-    while quota.any():
-        action = agent.act(torch.as_tensor(obs, device=device), deterministic=True)[0]
-        obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
-        total += reward
-        for e in np.flatnonzero(terminated | truncated):
-            if quota[e] > 0:
-                returns.append(total[e])
-                quota[e] -= 1
-            total[e] = 0.0
-    return returns
+def train(args):
+    """PMAT's training loop: the set-up, then per iteration 1. the rollout, 2. GAE, 3. the PPO epochs, 4. logging.
+    The set-up's one-line calls (flag checks, torchrun, the run folder, --resume) are machinery: Part II."""
+    if args.eval_only:  # no training: evaluate (and film) a trained run
+        sys.exit(eval_only(args))
+    checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
+    if args.resume:  # the flags that define the run stay as the checkpoint has them
+        args, checkpoint, checkpoint_path = resume_args(args, FIXED_FLAGS)
+    check_args(args)
+    if args.capture_video:  # first: it sets MUJOCO_GL, which MuJoCo reads once, at import
+        check_video(args)
+    check_env_args(args.scenario, args.agent_conf, args.agent_obsk)
+    # torchrun: --num-envs is the total; each of the W ranks runs num_envs / W envs and updates on its own share
+    rank, world_size, device = setup_distributed(args.cuda)
+    if args.compile:  # before anything is written: a missing compiler leaves no empty run folder behind
+        check_compiler(device)
+    start_step = count_iterations(args, checkpoint, rank, world_size)  # sets args.batch_size and args.num_iterations
+    split = args.agent_conf.replace("|", "-")  # 9|8 -> 9-8: no shell pipe character in the folder name
+    run_name = f"{args.scenario}-{split}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
+    run_dir, writer = open_run(args, run_name, checkpoint, rank, device)  # writer: rank 0 alone logs (else None)
+    # Seeding: every rank, env and resume its own random streams (stream_seed); a resumed rank 0 then restores its own
+    seed_process(stream_seed(args.seed, "process", rank, start_step=start_step))
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # Env setup; E: this rank's envs
+    T, E = args.num_steps, args.num_envs // world_size
+    async_envs = args.async_envs and args.num_envs > 1
+    envs = make_envs(args, E, async_envs)
+    N, obs_dim = envs.single_observation_space.shape
+    act_dim = envs.single_action_space.shape[1]
+    act_dims = envs.get_attr("act_dims")[0]  # each agent's joints; act_dim, the largest, is the padded size
+    eval_envs = None
+    if args.eval_interval > 0 and rank == 0:
+        eval_envs = make_envs(args, min(args.num_envs, args.eval_episodes), async_envs)
+        eval_envs.reset(seed=[stream_seed(args.seed, "eval_env", 0, e, 0, start_step) for e in range(eval_envs.num_envs)])
+    if rank == 0:
+        print(
+            f"{args.scenario} {args.agent_conf}: {N} agents, obs {obs_dim}, actions {act_dim}"
+            f"{'' if len(set(act_dims)) == 1 else f' (padded; per agent {act_dims})'}; order={args.order}; "
+            f"{args.num_envs} {'async' if async_envs else 'sync'} envs"
+            f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}",
+            flush=True,
+        )
+
+    agent = PMAT(obs_dim, act_dim, args.order, args.n_embd, args.n_head, args.n_block, act_dims).to(device)
+    value_norm = ValueNorm().to(device)
+    # Adam over all weights, kept in one flat tensor (a speed-up: Part II, flatten_parameters; Adam parameter groups,
+    # e.g. another learning rate for the scoring block: Adam(parameter_groups(flat_params, agent, {"scorer": 1e-4})))
+    flat_params = flatten_parameters(agent)
+    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    act, loss_fn = speed_ups(agent, args, device)  # agent.act and ppo_loss; compiled with --compile
+    if world_size > 1:
+        dist.broadcast(flat_params.data, src=0)  # torchrun: every rank starts from rank 0's weights
+
+    # Rollout storage, time-major
+    obs_buf, action_buf, log_prob_buf, value_buf, sigma_buf, sigma_log_prob_buf, reward_buf, done_buf, bootstrap_buf = (
+        rollout_buffers(T, E, N, obs_dim, act_dim, device)
+    )
+    start_iteration, global_step = resume_training(checkpoint, checkpoint_path, agent, optimizer, value_norm, args, rank)
+    start_time, start_step = time.time(), global_step
+    skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
+    next_obs, _ = envs.reset(seed=[stream_seed(args.seed, "env", rank, e, 0, start_step) for e in range(E)])
+    next_obs = torch.as_tensor(next_obs, device=device)
+    episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=int)
+
+    try:
+        for iteration in range(start_iteration, args.num_iterations + 1):
+            finished_returns, finished_lengths = [], []
+            first_counts = torch.zeros(N, device=device)  # (N,) how often each agent acts first: order/agent{i}_first
+            bootstrap_buf.zero_()  # written only where the time limit cut an episode: clear the last rollout's
+            # 1. Rollout: per step, sample an order sigma (Plackett-Luce, eq. 8, 11), decode the agents' actions in that
+            #    order (each sees its predecessors' actions, eq. 6), restore agent order, step the envs
+            rollout_start = time.time()
+            for step in range(T):
+                global_step += E * world_size  # every rank's env steps
+                obs_buf[step] = next_obs
+                action, log_prob, value, sigma, sigma_log_prob = act(next_obs)
+                action_buf[step], log_prob_buf[step], value_buf[step] = action, log_prob, value
+                sigma_buf[step], sigma_log_prob_buf[step] = sigma, sigma_log_prob
+                first_counts += torch.bincount(sigma[:, 0], minlength=N)
+
+                next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+                next_obs = torch.as_tensor(next_obs_np, device=device)
+                reward_buf[step] = torch.as_tensor(reward, device=device)
+                done_buf[step] = torch.as_tensor(terminated | truncated, device=device)
+                cut = truncated & ~terminated
+                if cut.any():  # the time limit ended these episodes: bootstrap from the value of their last obs
+                    final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
+                    with torch.no_grad():
+                        bootstrap_buf[step, torch.as_tensor(cut, device=device)] = value_norm.denormalize(
+                            agent.get_value(final_obs)
+                        )
+
+                episode_return += reward
+                episode_length += 1
+                for e in np.flatnonzero(terminated | truncated):
+                    finished_returns.append(episode_return[e])
+                    finished_lengths.append(episode_length[e])
+                    episode_return[e], episode_length[e] = 0.0, 0
+
+            update_start = time.time()
+            # 2. GAE on de-normalised values, then the value normaliser (ValueNorm) sees the new targets
+            with torch.no_grad():
+                next_value = value_norm.denormalize(agent.get_value(next_obs))
+                values = value_norm.denormalize(value_buf)  # (T, E, N) de-normalised; batch["values"] stays normalised
+                advantages, returns = compute_gae(
+                    reward_buf, values, done_buf, bootstrap_buf, next_value, args.gamma, args.gae_lambda
+                )
+                value_norm.update(returns)
+
+            # Flatten the batch: one sample = one time step of one env, all agents together
+            batch = {
+                "obs": obs_buf.reshape(-1, N, obs_dim),
+                "actions": action_buf.reshape(-1, N, act_dim),
+                "sigma": sigma_buf.reshape(-1, N),
+                "log_probs": log_prob_buf.reshape(-1, N),
+                "sigma_log_probs": sigma_log_prob_buf.reshape(-1),
+                "values": value_buf.reshape(-1, N),
+                "targets": value_norm.normalize(returns).reshape(-1, N),
+                "advantages": normalize_advantages(advantages.reshape(-1, N)),  # torchrun: with every rank's statistics
+            }
+
+            # 3. PPO epochs: per mini-batch, the clipped policy loss (eq. 5-6), the ranking loss on the stored orders
+            #    (eq. 15-16), the entropy and the clipped value loss, then one clipped Adam step (guarded_step)
+            mb_logged, skipped = [], 0  # each mini-batch's logged values
+            n_samples, mb_size = T * E, T * E // args.num_minibatches  # this rank's share (torchrun: 1/W of the whole)
+            for epoch in range(args.update_epochs):
+                b_inds = torch.randperm(n_samples, device=device)
+                for start in range(0, n_samples, mb_size):
+                    mb_inds = b_inds[start : start + mb_size]
+                    mb = {key: tensor[mb_inds] for key, tensor in batch.items()}
+                    loss, logged = loss_fn(agent, args, mb)
+                    if guarded_step(optimizer, flat_params, loss, args.max_grad_norm):
+                        skipped_in_a_row = 0
+                    else:  # nothing non-finite reaches the weights; two iterations' worth in a row: stop
+                        skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                        if skipped_in_a_row >= 2 * args.update_epochs * args.num_minibatches:
+                            sys.exit(nonfinite_error(skipped_in_a_row, checkpoint_path) if rank == 0 else 1)
+                    mb_logged.append(logged)
+            logged = {name: torch.stack([m[name] for m in mb_logged]).mean() for name in logged}  # over every mini-batch
+
+            with torch.no_grad():
+                y_true, y_pred = returns.flatten(), values.flatten()
+                var_y = y_true.var()
+                explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
+
+            # 4. Logging, evaluation and checkpoints: rank 0 alone (torchrun)
+            if rank != 0:
+                continue
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            scalars = {
+                "charts/learning_rate": optimizer.param_groups[-1]["lr"],
+                "charts/SPS": sps,
+                "perf/rollout_seconds": update_start - rollout_start,
+                "perf/update_seconds": time.time() - update_start,
+                **{f"losses/{name}": x.item() for name, x in logged.items()},  # policy, value, ranking, entropy, kl, clip
+                "losses/explained_variance": explained_var,
+                "charts/skipped_updates": skipped,
+                "order/neg_log_prob": -sigma_log_prob_buf.mean().item(),
+                **{f"order/agent{i}_first": frac for i, frac in enumerate((first_counts / (T * E)).tolist())},
+            }
+            if finished_returns:
+                scalars["charts/episodic_return"] = np.mean(finished_returns)
+                scalars["charts/episodic_length"] = np.mean(finished_lengths)
+            if skipped:
+                print(
+                    f"warning: iteration {iteration}: {skipped} of {args.update_epochs * args.num_minibatches} mini-batch "
+                    f"updates skipped (non-finite loss or gradient norm); the weights did not take them",
+                    flush=True,
+                )
+            if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
+                eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
+                if args.capture_video:  # one more episode of the evaluation policy, filmed (README, Videos)
+                    record_video(agent, args, device, run_dir, global_step, writer)
+                scalars["eval/episodic_return"] = np.mean(eval_returns)
+                print(
+                    f"  eval: return {np.mean(eval_returns):.1f} +- {np.std(eval_returns):.1f} over {len(eval_returns)} "
+                    f"episodes",
+                    flush=True,
+                )
+            for name, value in scalars.items():
+                writer.add_scalar(name, value, global_step)
+            mean_return = f"{np.mean(finished_returns):9.1f}" if finished_returns else "        -"
+            eta = (args.num_iterations - iteration) * (time.time() - start_time) / (iteration - start_iteration + 1)
+            print(
+                f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | return {mean_return} | "
+                f"left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}",
+                flush=True,
+            )
+            last = iteration == args.num_iterations
+            if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
+                writer.flush()  # the events up to this step are on disk before a checkpoint says the run got here
+                state = checkpoint_state(
+                    agent,
+                    optimizer,
+                    value_norm,
+                    iteration,
+                    global_step,
+                    args,
+                    obs_dim=obs_dim,
+                    act_dim=act_dim,
+                    act_dims=act_dims,
+                )
+                checkpoint_path = save_checkpoint(run_dir, state) or checkpoint_path
+
+        if rank == 0 and args.save_model:
+            save_model(run_dir, args, agent, value_norm, obs_dim=obs_dim, act_dim=act_dim, act_dims=act_dims)
+    finally:  # also when the run stops with an error: no env process is left behind, the events are on disk
+        for closable in (envs, eval_envs, writer):
+            if closable is not None:
+                closable.close()
+    finish_distributed(flat_params, rank, world_size)
 
 
-def load_agent(path, device="cpu"):
-    """Rebuild a trained agent from a `--save-model` checkpoint -> (agent, the run's args as a dict)."""
-    checkpoint = torch.load(path, map_location=device, weights_only=True)  # tensors and plain values only
-    a, act_dims = checkpoint["args"], checkpoint.get("act_dims")  # no act_dims: a file from before (equal sizes)
-    agent = PMAT(checkpoint["obs_dim"], checkpoint["act_dim"], a["order"], a["n_embd"], a["n_head"], a["n_block"], act_dims)
-    agent.load_state_dict(checkpoint["model"])
-    return agent.to(device).eval(), a
+# ===============================================================================================================
+# Part II: the machinery. Speed-ups, torchrun, flag checks, checkpoints, evaluation, videos.
+# Part II can be skipped on a first reading: nothing in it changes what PMAT computes.
+# ===============================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed-ups: the rollout's key/value cache, the flat parameters, --compile (docs/speed.md)
+# ---------------------------------------------------------------------------------------------------------------
+# Speed-up for the rollout: key/value-cached decoding, with the same outputs as Decoder.forward (a test compares
+# them position by position). The rollout decodes one position at a time; Decoder.forward on positions 0..k at
+# every step k would redo the earlier positions. These run position k alone and keep the keys and values of
+# positions < k in a cache: one (B, N, 2C) tensor per attention layer.
+def new_caches(decoder, batch, n_agents):
+    """Empty caches for one act() call: per decode block, one (B, N, 2C) tensor per attention layer."""
+    C = decoder.ln.normalized_shape[0]
+    return [[torch.zeros(batch, n_agents, 2 * C, device=decoder.ln.weight.device) for _ in range(2)] for _ in decoder.blocks]
+
+
+def attention_step(attn, query, key_value, cache, pos):  # (B, C) the inputs of position pos; cache (B, N, 2C)
+    """A causal Attention.forward for position pos only: it attends to positions 0..pos, whose keys and values are
+    in cache (those of pos are added here; later positions are not there yet, so no mask is needed)."""
+    B, C = query.shape
+    H = attn.n_head
+    cache[:, pos] = attn.key_value(key_value)  # (B, 2C)
+    q = attn.query(query).view(B, H, 1, C // H)  # (B, H, 1, C/H)
+    k, v = cache[:, : pos + 1].view(B, pos + 1, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, pos+1, C/H)
+    y = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, C/H)
+    return attn.proj(y.reshape(B, C))  # (B, C)
+
+
+def decode_block_step(block, x, rep, caches, pos):  # (B, C) position pos's action embedding and encoding
+    """DecodeBlock.forward for position pos only; caches: the block's two, self- and cross-attention."""
+    x = block.ln1(x + attention_step(block.attn1, x, x, caches[0], pos))
+    x = block.ln2(rep + attention_step(block.attn2, rep, x, caches[1], pos))
+    return block.ln3(x + block.mlp(x))
+
+
+def decoder_step(decoder, prev_action, rep, caches, pos):  # position pos-1's action input, (B, C) pos's encoding
+    """Decoder.forward for position pos only -> (B, A): the head's output (Gaussian mean or logits) for sigma(pos)."""
+    x = decoder.ln(decoder.action_encoder(prev_action))  # (B, C)
+    for block, block_caches in zip(decoder.blocks, caches):
+        x = decode_block_step(block, x, rep, block_caches, pos)
+    return decoder.head(x)  # (B, A)
+
+
+def flatten_parameters(module):
+    """Move all parameters of module, and their gradients, into one flat tensor each, and return that flat tensor
+    as a single Parameter for the optimizer. The module's parameters become views into it, so the module works as
+    before, but Adam, gradient clipping and zeroing each run as a few ops on one tensor instead of a few per
+    parameter tensor (about 70 here), a measurable share of a PPO mini-batch step with these small networks.
+    Call it after module.to(device); zero the gradient with optimizer.zero_grad(set_to_none=False)."""
+    params = list(module.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    flat_grad = torch.zeros_like(flat)
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)  # same values, now stored inside flat
+        p.grad = flat_grad[offset : offset + p.numel()].view_as(p)  # backward adds into it in place
+        offset += p.numel()
+    flat_param = nn.Parameter(flat)
+    flat_param.grad = flat_grad
+    flat_param.first_view = params[0]  # guarded_step checks that backward still adds into flat_grad through it
+    return flat_param
+
+
+def parameter_groups(flat_params, module, learning_rates):
+    """Adam parameter groups over the flat parameter (flatten_parameters): {submodule name: learning rate}, e.g.
+    {"scorer": 1e-4} for the scoring block, -> [{"params": [...], "lr": ...} per name, {"params": [the rest]}], for
+    torch.optim.Adam(parameter_groups(flat_params, agent, {...}), lr=...). Each group's params are slices of
+    flat_params that share its storage and gradient, so guarded_step's clipping and all-reduce still cover all of
+    them, and Adam's step writes into the module's weights. The rest, without "lr", take Adam's lr and come last."""
+    names = list(learning_rates) + [None]  # None: the rest
+    ranges, offset = {name: [] for name in names}, 0  # group -> [(start, end)] in flat_params
+    for parameter_name, p in module.named_parameters():
+        group = next((n for n in learning_rates if parameter_name.startswith(n + ".")), None)
+        spans = ranges[group]
+        if spans and spans[-1][1] == offset:  # contiguous with the group's last slice: extend it
+            spans[-1] = (spans[-1][0], offset + p.numel())
+        else:
+            spans.append((offset, offset + p.numel()))
+        offset += p.numel()
+    groups = []
+    for name in names:
+        params = []
+        for start, end in ranges[name]:
+            piece = nn.Parameter(flat_params.data[start:end])  # a view: the same storage as flat_params
+            piece.grad = flat_params.grad[start:end]
+            params.append(piece)
+        if params:
+            groups.append({"params": params} if name is None else {"params": params, "lr": learning_rates[name]})
+    return groups
+
+
+def speed_ups(agent, args, device):
+    """The speed-ups of the training loop; none changes what is computed (their measurements: docs/speed.md).
+    Returns (act, loss_fn): agent.act and ppo_loss, compiled with --compile."""
+    torch.set_num_threads(args.torch_threads)  # default 1: these small networks gain nothing from more threads
+    torch.backends.mkldnn.enabled = False  # oneDNN sets up each call: slower than plain kernels on these tiny tensors
+    if not args.compile:
+        return agent.act, ppo_loss
+    # --compile: the same functions, fused into fewer, larger kernels (shapes are fixed, so no recompiles); on the CPU
+    # a C++ wrapper around the kernels also removes most of the Python overhead per kernel call
+    options = {"cpp_wrapper": device.type == "cpu"}
+    return torch.compile(agent.act, dynamic=False, options=options), torch.compile(ppo_loss, dynamic=False, options=options)
 
 
 def check_compiler(device):
@@ -846,9 +1041,92 @@ def check_compiler(device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Long runs: flag checks, checkpoints and --resume, the non-finite guard
+# Data-parallel training with torchrun (in a plain `python` run these do nothing)
 # ---------------------------------------------------------------------------------------------------------------
-CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint_prev.pt"  # in the run folder: the newest, the one before
+def setup_distributed(cuda):
+    """torchrun starts one process (rank) per GPU or CPU slot and sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
+    `python` run is rank 0 of 1. Returns (rank, world_size, device): with --cuda, rank r trains on GPU LOCAL_RANK and
+    the ranks talk over NCCL, else on the CPU over gloo."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but CUDA is not available; training on the CPU")
+    use_cuda = cuda and torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if world_size > 1:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world_size, device
+
+
+def all_reduce_sum(x):
+    """Sum the tensor x over all ranks, in place (one all_reduce call); x itself in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_mean(x):
+    """Average the tensor x over all ranks, in place: the ranks' gradients, or statistics of equal-sized batches."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def ranks_in_step(flat_params):
+    """torchrun: how many ranks hold exactly rank 0's weights (all of them, unless something broke the lockstep)."""
+    reference = flat_params.detach().clone()
+    dist.broadcast(reference, src=0)
+    return int(all_reduce_sum(torch.tensor(float(torch.equal(reference, flat_params.detach())), device=reference.device)))
+
+
+def finish_distributed(flat_params, rank, world_size):
+    """torchrun, at the end: check that the ranks stayed in lockstep, then leave the process group."""
+    if world_size == 1:
+        return
+    in_step = ranks_in_step(flat_params)
+    if rank == 0:
+        print(f"torchrun: the weights are identical on {in_step} of {world_size} ranks", flush=True)
+    dist.barrier()  # every rank done with the group before any tears it down (else gloo can abort a rank at exit)
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flag checks, seeds and the run folder
+# ---------------------------------------------------------------------------------------------------------------
+# The env's own flag checks, and its libraries' imports with a clear message when one is missing
+def check_env_args(scenario, agent_conf, agent_obsk=0):
+    """Exit with a clear message on an unknown scenario, agent split or observation depth."""
+    if agent_obsk < 0:
+        sys.exit(f"error: --agent-obsk must be at least 0, got {agent_obsk}")
+    accepted = "; ".join(f"{s}: {', '.join(c)}" for s, c in MAMUJOCO_SPLITS.items())
+    if scenario not in MAMUJOCO_SPLITS:
+        sys.exit(f"error: unknown --scenario {scenario!r}. Accepted scenarios and --agent-conf splits: {accepted}")
+    if agent_conf not in MAMUJOCO_SPLITS[scenario]:
+        sys.exit(
+            f"error: unknown --agent-conf {agent_conf!r} for {scenario}. "
+            f"Accepted for {scenario}: {', '.join(MAMUJOCO_SPLITS[scenario])}"
+        )
+    try:
+        import_mamujoco()
+    except ImportError:
+        sys.exit("error: Multi-Agent MuJoCo needs gymnasium-robotics and mujoco: pip install -r requirements.txt")
+
+
+def import_mamujoco():
+    """`from gymnasium_robotics import mamujoco_v1`, minus the one notice gymnasium-robotics prints to stderr at
+    import (about the AdroitHand envs' rewards, which this script does not use); all other stderr output stays."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            from gymnasium_robotics import mamujoco_v1
+    finally:
+        lines = captured.getvalue().splitlines(keepends=True)
+        sys.stderr.write("".join(line for line in lines if "reward functions were updated" not in line))
+    return mamujoco_v1
+
+
 # The flags that define a run (env, order, network, seed): --resume and --eval-only refuse other values for them
 FIXED_FLAGS = ("scenario", "agent_conf", "agent_obsk", "order", "n_block", "n_embd", "n_head", "seed")
 
@@ -887,6 +1165,117 @@ def check_args(args):
     for name in ("gamma", "gae_lambda"):
         if not 0 <= getattr(args, name) <= 1:
             bad(name, "between 0 and 1")
+
+
+def count_iterations(args, checkpoint, rank, world_size):
+    """Check that the batch splits over torchrun's W ranks and into the mini-batches, then set args.batch_size and
+    args.num_iterations: the step budget left over this batch size. A resumed run counts on from its saved iteration and
+    step, so a changed --num-envs or --num-steps still ends at --total-timesteps (to within one rollout). Returns the env
+    step this run starts from."""
+    one_line = lambda message: sys.exit(message if rank == 0 else 1)  # noqa: E731  torchrun: one line, from rank 0
+    if args.num_envs % world_size != 0:
+        one_line(
+            f"error: --num-envs {args.num_envs} does not split over the {world_size} ranks of this torchrun; choose a "
+            f"multiple of {world_size}"
+        )
+    args.batch_size = args.num_envs * args.num_steps
+    if args.batch_size % (world_size * args.num_minibatches) != 0:
+        one_line(
+            f"error: num_envs * num_steps = {args.batch_size} does not split into --num-minibatches "
+            f"{args.num_minibatches}{f' on each of {world_size} ranks' if world_size > 1 else ''}; choose values where "
+            f"it divides evenly"
+        )
+    done_iterations, start_step = (0, 0) if checkpoint is None else (checkpoint["iteration"], checkpoint["global_step"])
+    args.num_iterations = done_iterations + max(0, args.total_timesteps - start_step) // args.batch_size
+    if checkpoint is None and args.num_iterations < 1:
+        one_line(
+            f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
+            f"(num_envs * num_steps = {args.batch_size})"
+        )
+    return start_step
+
+
+# One seeding scheme for every random stream of a run (orders, actions, shuffles, each env of each rank, rebuilt games,
+# resumed runs, filmed episodes). The first entry of the key: which kind of stream it is.
+STREAMS = ("process", "env", "eval_env", "game", "video")
+
+
+def stream_seed(seed, stream, rank=0, index=0, restart=0, start_step=0):
+    """The seed of one random stream, 63 bits (JAX and torch take signed 64-bit ints): numpy's SeedSequence(--seed)
+    keyed by (stream, rank, index: the env, restart: how often that env's game was rebuilt, start_step: the global step
+    this process started from, 0 unless resumed). Distinct keys give independent streams, so no two streams of a run
+    share a seed (sums such as seed + 1000 * env + 1e6 * rank collide), and the same --seed gives the same seeds."""
+    key = (STREAMS.index(stream), rank, index, restart, start_step)
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0]) >> 1
+
+
+def seed_process(seed):
+    """Seed python's, numpy's and torch's global generators (orders, actions, mini-batch shuffles) from one seed."""
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # numpy's legacy generator takes 32-bit words
+    torch.manual_seed(seed)
+
+
+def check_run_dir(run_dir, rank, device):
+    """Exit with one `error:` line, before any env or writer is started, when the run folder cannot be created or
+    written (a path under a file, no permission, a read-only disk). Rank 0 checks (it alone writes); under torchrun
+    every rank learns the answer and exits with it."""
+    problem = None
+    if rank == 0:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=run_dir):
+                pass
+        except OSError as e:
+            problem = f"{e.strerror or type(e).__name__}{f': {e.filename}' if e.filename else ''}"
+    failed = all_reduce_sum(torch.tensor(float(problem is not None), device=device))  # torchrun: tell every rank
+    if failed.item():
+        sys.exit(
+            f"error: the run folder {run_dir} cannot be created or written ({problem}); choose another --run-dir"
+            if rank == 0
+            else 1
+        )
+
+
+def open_run(args, run_name, checkpoint, rank, device):
+    """The run folder and rank 0's loggers -> (run_dir, writer; None on the other ranks). Exits with one line, before
+    any env starts, when the folder cannot be written or holds an earlier run's checkpoint. A resumed run purges the
+    events its first life logged after the checkpoint, so that each step is logged once."""
+    run_dir = args.run_dir or f"runs/{run_name}"
+    check_run_dir(run_dir, rank, device)
+    if checkpoint is None and any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
+        sys.exit(
+            f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
+            f"or choose another --run-dir"
+            if rank == 0
+            else 1  # torchrun: one line, from rank 0
+        )
+    if rank != 0:
+        return run_dir, None
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            sys.exit("error: --track needs wandb: pip install wandb")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    first_step = 0 if checkpoint is None else checkpoint["global_step"] + 1
+    writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else first_step)
+    table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", table, first_step)
+    return run_dir, writer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long runs: checkpoints, --resume and the non-finite guard's message
+# ---------------------------------------------------------------------------------------------------------------
+CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint_prev.pt"  # in the run folder: the newest, the one before
 
 
 def checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args, **extra):
@@ -1008,26 +1397,26 @@ def restore_checkpoint(checkpoint, agent, optimizer, value_norm, restore_rng=Tru
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def guarded_step(optimizer, flat_params, loss, max_grad_norm):
-    """Backward, clip the gradient norm to max_grad_norm, and step, unless the loss or the gradient norm is not finite:
-    then the step is skipped (returns False) and the weights and Adam's state stay as they were."""
-    optimizer.zero_grad(set_to_none=False)  # keep the flat gradient the parameters' grads are views of
-    loss.backward()
-    first = flat_params.first_view  # zero_grad() / module.zero_grad() would cut the gradients off: fail loudly
-    if flat_params.grad is None or first.grad is None or first.grad.data_ptr() != flat_params.grad.data_ptr():
-        raise RuntimeError(
-            "the gradients no longer reach the flat parameter, so Adam would not see them and the weights "
-            "would stop changing: zero them with optimizer.zero_grad(set_to_none=False), not "
-            "optimizer.zero_grad() or module.zero_grad() (flatten_parameters keeps all of them in one tensor)"
+def resume_training(checkpoint, checkpoint_path, agent, optimizer, value_norm, args, rank):
+    """--resume: restore the checkpoint's weights, Adam and ValueNorm (rank 0 also its random streams; called last, so
+    that nothing built before draws from them) -> (first iteration, global step); (1, 0) for a new run."""
+    if checkpoint is None:
+        return 1, 0
+    restore_checkpoint(checkpoint, agent, optimizer, value_norm, restore_rng=rank == 0)
+    optimizer.param_groups[-1]["lr"] = args.learning_rate  # may have changed on resume (the last group: parameter_groups)
+    iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
+    if rank == 0:
+        print(
+            f"resumed from {checkpoint_path} at iteration {iteration}/{args.num_iterations}, step {global_step}; the envs "
+            f"start fresh episodes (an env's state is not in the checkpoint)",
+            flush=True,
         )
-    if dist.is_initialized():  # torchrun: every rank steps with the mean of the ranks' gradients
-        flat_params.grad.add_(loss.detach() * 0)  # a non-finite loss on one rank turns every rank's gradient into nan
-        all_reduce_mean(flat_params.grad)  # one call for all weights (they are one flat tensor)
-    grad_norm = nn.utils.clip_grad_norm_([flat_params], max_grad_norm)
-    if not torch.isfinite(loss.detach() + grad_norm):  # one check (one device sync) for both: nan or inf in either
-        return False
-    optimizer.step()
-    return True
+        if iteration >= args.num_iterations:
+            print(
+                f"the checkpoint is at iteration {iteration} of {args.num_iterations}: nothing left to train "
+                f"(a larger --total-timesteps extends the run)"
+            )
+    return iteration + 1, global_step
 
 
 def nonfinite_error(skipped, checkpoint_path):
@@ -1044,46 +1433,43 @@ def nonfinite_error(skipped, checkpoint_path):
     )
 
 
-# One seeding scheme for every random stream of a run (orders, actions, shuffles, each env of each rank, rebuilt games,
-# resumed runs, filmed episodes). The first entry of the key: which kind of stream it is.
-STREAMS = ("process", "env", "eval_env", "game", "video")
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation and the saved model
+# ---------------------------------------------------------------------------------------------------------------
+def evaluate_policy(agent, envs, episodes, device):
+    """Deterministic order and deterministic actions; returns the return of each of `episodes` episodes. Env e plays
+    a fixed quota of episodes, so that short episodes (the robot fell) do not crowd out long ones in the average."""
+    quota = np.full(envs.num_envs, episodes // envs.num_envs)
+    quota[: episodes % envs.num_envs] += 1
+    obs, _ = envs.reset()
+    total, returns = np.zeros(envs.num_envs), []
+    while quota.any():
+        action = agent.act(torch.as_tensor(obs, device=device), deterministic=True)[0]
+        obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
+        total += reward
+        for e in np.flatnonzero(terminated | truncated):
+            if quota[e] > 0:
+                returns.append(total[e])
+                quota[e] -= 1
+            total[e] = 0.0
+    return returns
 
 
-def stream_seed(seed, stream, rank=0, index=0, restart=0, start_step=0):
-    """The seed of one random stream, 63 bits (JAX and torch take signed 64-bit ints): numpy's SeedSequence(--seed)
-    keyed by (stream, rank, index: the env, restart: how often that env's game was rebuilt, start_step: the global step
-    this process started from, 0 unless resumed). Distinct keys give independent streams, so no two streams of a run
-    share a seed (sums such as seed + 1000 * env + 1e6 * rank collide), and the same --seed gives the same seeds."""
-    key = (STREAMS.index(stream), rank, index, restart, start_step)
-    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0]) >> 1
+def save_model(run_dir, args, agent, value_norm, **sizes):
+    """--save-model: the trained weights, ValueNorm and the run's flags, in {run_dir}/{exp_name}.cleanrl_model
+    (load_agent rebuilds the agent from it; sizes: the network's input and output sizes)."""
+    model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+    torch.save({"model": agent.state_dict(), "value_norm": value_norm.state_dict(), "args": vars(args), **sizes}, model_path)
+    print(f"model saved to {model_path}")
 
 
-def seed_process(seed):
-    """Seed python's, numpy's and torch's global generators (orders, actions, mini-batch shuffles) from one seed."""
-    random.seed(seed)
-    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # numpy's legacy generator takes 32-bit words
-    torch.manual_seed(seed)
-
-
-def check_run_dir(run_dir, rank, device):
-    """Exit with one `error:` line, before any env or writer is started, when the run folder cannot be created or
-    written (a path under a file, no permission, a read-only disk). Rank 0 checks (it alone writes); under torchrun
-    every rank learns the answer and exits with it."""
-    problem = None
-    if rank == 0:
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            with tempfile.TemporaryFile(dir=run_dir):
-                pass
-        except OSError as e:
-            problem = f"{e.strerror or type(e).__name__}{f': {e.filename}' if e.filename else ''}"
-    failed = all_reduce_sum(torch.tensor(float(problem is not None), device=device))  # torchrun: tell every rank
-    if failed.item():
-        sys.exit(
-            f"error: the run folder {run_dir} cannot be created or written ({problem}); choose another --run-dir"
-            if rank == 0
-            else 1
-        )
+def load_agent(path, device="cpu"):
+    """Rebuild a trained agent from a `--save-model` checkpoint -> (agent, the run's args as a dict)."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)  # tensors and plain values only
+    a, act_dims = checkpoint["args"], checkpoint.get("act_dims")  # no act_dims: a file from before (equal sizes)
+    agent = PMAT(checkpoint["obs_dim"], checkpoint["act_dim"], a["order"], a["n_embd"], a["n_head"], a["n_block"], act_dims)
+    agent.load_state_dict(checkpoint["model"])
+    return agent.to(device).eval(), a
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1270,7 +1656,7 @@ def eval_only(args):
     check_args(args)
     if args.capture_video:
         check_video(args)
-    check_env_args(args.scenario, args.agent_conf)
+    check_env_args(args.scenario, args.agent_conf, args.agent_obsk)
     _, _, device = setup_distributed(args.cuda)
     agent.to(device)
     seed_process(stream_seed(args.seed, "process", start_step=global_step or 0))  # the evaluation's own streams
@@ -1284,305 +1670,4 @@ def eval_only(args):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if args.eval_only:  # no training: evaluate (and film) a trained run
-        sys.exit(eval_only(args))
-    checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
-    if args.resume:  # the flags that define the run must stay as the checkpoint has them
-        args, checkpoint, checkpoint_path = resume_args(args, FIXED_FLAGS)
-    check_args(args)
-    if args.capture_video:
-        check_video(args)
-    if args.agent_obsk < 0:
-        sys.exit(f"error: --agent-obsk must be at least 0, got {args.agent_obsk}")
-    check_env_args(args.scenario, args.agent_conf)
-    # torchrun: --num-envs is the total; each of the W ranks runs num_envs / W envs and updates on its own share
-    rank, world_size, device = setup_distributed(args.cuda)
-    if args.compile:  # before anything is written: a missing compiler leaves no empty run folder behind
-        check_compiler(device)
-    if args.num_envs % world_size != 0:
-        sys.exit(
-            f"error: --num-envs {args.num_envs} does not split over the {world_size} ranks of this torchrun; choose a "
-            f"multiple of {world_size}"
-            if rank == 0
-            else 1
-        )
-    args.batch_size = args.num_envs * args.num_steps
-    if args.batch_size % (world_size * args.num_minibatches) != 0:
-        sys.exit(
-            f"error: num_envs * num_steps = {args.batch_size} does not split into --num-minibatches "
-            f"{args.num_minibatches}{f' on each of {world_size} ranks' if world_size > 1 else ''}; choose values where "
-            f"it divides evenly"
-            if rank == 0
-            else 1
-        )
-    args.minibatch_size = args.batch_size // args.num_minibatches  # over all ranks; each rank's: mb_size (step 3)
-    # Iterations to run: the step budget left over this batch size; a resumed run counts on from its saved iteration and
-    # step, so a changed --num-envs or --num-steps still ends at --total-timesteps (to within one rollout)
-    done_iterations, start_step = (0, 0) if checkpoint is None else (checkpoint["iteration"], checkpoint["global_step"])
-    args.num_iterations = done_iterations + max(0, args.total_timesteps - start_step) // args.batch_size
-    if checkpoint is None and args.num_iterations < 1:
-        sys.exit(
-            f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
-            f"(num_envs * num_steps = {args.batch_size})"
-        )
-    split = args.agent_conf.replace("|", "-")  # 9|8 -> 9-8: no shell pipe character in the folder name
-    run_name = f"{args.scenario}-{split}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
-    run_dir = args.run_dir or f"runs/{run_name}"
-    check_run_dir(run_dir, rank, device)
-    if checkpoint is None and any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
-        sys.exit(
-            f"error: --run-dir {run_dir} holds the checkpoint of an earlier run: continue it with --resume {run_dir}, "
-            f"or choose another --run-dir"
-            if rank == 0
-            else 1  # torchrun: one line, from rank 0
-        )
-    writer = None  # rank 0 alone logs, evaluates, prints and saves
-    if rank == 0 and args.track:
-        try:
-            import wandb
-        except ImportError:
-            sys.exit("error: --track needs wandb: pip install wandb")
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    if rank == 0:  # a resumed run purges the events its first life logged after the checkpoint: each step is logged once
-        writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
-            0 if checkpoint is None else checkpoint["global_step"] + 1,
-        )
-
-    # Seeding: every rank, env and resume its own random streams (stream_seed); a resumed rank 0 then restores its own
-    seed_process(stream_seed(args.seed, "process", rank, start_step=start_step))
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-
-    # Env setup
-    async_envs = args.async_envs and args.num_envs > 1
-    envs = make_envs(args, args.num_envs // world_size, async_envs)
-    n_agents, obs_dim = envs.single_observation_space.shape
-    act_dim = envs.single_action_space.shape[1]
-    act_dims = envs.get_attr("act_dims")[0]  # each agent's joints; act_dim, the largest, is the padded size
-    eval_envs = None
-    if args.eval_interval > 0 and rank == 0:
-        eval_envs = make_envs(args, min(args.num_envs, args.eval_episodes), async_envs)
-        eval_envs.reset(seed=[stream_seed(args.seed, "eval_env", 0, e, 0, start_step) for e in range(eval_envs.num_envs)])
-    if rank == 0:
-        print(
-            f"{args.scenario} {args.agent_conf}: {n_agents} agents, obs {obs_dim}, actions {act_dim}"
-            f"{'' if len(set(act_dims)) == 1 else f' (padded; per agent {act_dims})'}; order={args.order}; "
-            f"{args.num_envs} {'async' if async_envs else 'sync'} envs"
-            f"{f' over {world_size} ranks' if world_size > 1 else ''}; logging to {run_dir}",
-            flush=True,
-        )
-
-    agent = PMAT(obs_dim, act_dim, args.order, args.n_embd, args.n_head, args.n_block, act_dims).to(device)
-    value_norm = ValueNorm().to(device)
-
-    # Speed-ups, all in this block; none changes what is computed (their measurements: docs/speed.md)
-    torch.set_num_threads(args.torch_threads)  # default 1: these small networks gain nothing from more threads
-    torch.backends.mkldnn.enabled = False  # oneDNN sets up each call: slower than plain kernels on these tiny tensors
-    flat_params = flatten_parameters(agent)  # all weights in one tensor: Adam, clipping and zeroing in a few ops each
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
-    # --compile: the same functions, fused into fewer, larger kernels (shapes are fixed, so no recompiles); on the CPU
-    # a C++ wrapper around the kernels also removes most of the Python overhead per kernel call
-    compile_options = {"cpp_wrapper": device.type == "cpu"}
-    act = torch.compile(agent.act, dynamic=False, options=compile_options) if args.compile else agent.act
-    loss_fn = torch.compile(ppo_loss, dynamic=False, options=compile_options) if args.compile else ppo_loss
-
-    if world_size > 1:
-        dist.broadcast(flat_params.data, src=0)  # torchrun: every rank starts from rank 0's weights
-
-    # Rollout storage, time-major; E: this rank's envs
-    T, E, N = args.num_steps, args.num_envs // world_size, n_agents
-    obs_buf, action_buf, log_prob_buf, value_buf, sigma_buf, sigma_log_prob_buf, reward_buf, done_buf, bootstrap_buf = (
-        rollout_buffers(T, E, N, obs_dim, act_dim, device)
-    )
-
-    start_iteration, global_step = 1, 0
-    if checkpoint is not None:  # last, so that nothing above draws from the restored RNG streams
-        restore_checkpoint(checkpoint, agent, optimizer, value_norm, restore_rng=rank == 0)
-        optimizer.param_groups[0]["lr"] = args.learning_rate  # may have changed on resume
-        start_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
-        if rank == 0:
-            print(
-                f"resumed from {checkpoint_path} at iteration {checkpoint['iteration']}/{args.num_iterations}, step "
-                f"{global_step}; the envs start fresh episodes (an env's state is not in the checkpoint)",
-                flush=True,
-            )
-    start_time, start_step = time.time(), global_step
-    skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
-    next_obs, _ = envs.reset(seed=[stream_seed(args.seed, "env", rank, e, 0, start_step) for e in range(E)])
-    next_obs = torch.as_tensor(next_obs, device=device)
-    episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=int)
-
-    for iteration in range(start_iteration, args.num_iterations + 1):
-        finished_returns, finished_lengths = [], []
-        first_counts = torch.zeros(N, device=device)  # (N,) how often each agent acts first: order/agent{i}_first
-        bootstrap_buf.zero_()  # written only where the time limit cut an episode: clear the last rollout's
-        # 1. Rollout: per step, sample an order sigma (Plackett-Luce, eq. 8, 11), decode the agents' actions in that
-        #    order (each sees its predecessors' actions, eq. 6), restore agent order, step the envs
-        rollout_start = time.time()
-        for step in range(T):
-            global_step += E * world_size  # every rank's env steps
-            obs_buf[step] = next_obs
-            action, log_prob, value, sigma, sigma_log_prob = act(next_obs)
-            action_buf[step], log_prob_buf[step], value_buf[step] = action, log_prob, value
-            sigma_buf[step], sigma_log_prob_buf[step] = sigma, sigma_log_prob
-            first_counts += torch.bincount(sigma[:, 0], minlength=N)
-
-            next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-            next_obs = torch.as_tensor(next_obs_np, device=device)
-            reward_buf[step] = torch.as_tensor(reward, device=device)
-            done_buf[step] = torch.as_tensor(terminated | truncated, device=device)
-            cut = truncated & ~terminated
-            if cut.any():  # the time limit ended these episodes: bootstrap from the value of their last obs
-                final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
-                with torch.no_grad():
-                    bootstrap_buf[step, torch.as_tensor(cut, device=device)] = value_norm.denormalize(
-                        agent.get_value(final_obs)
-                    )
-
-            episode_return += reward
-            episode_length += 1
-            for e in np.flatnonzero(terminated | truncated):
-                finished_returns.append(episode_return[e])
-                finished_lengths.append(episode_length[e])
-                episode_return[e], episode_length[e] = 0.0, 0
-
-        update_start = time.time()
-        # 2. GAE on de-normalised values, then the value normaliser (ValueNorm) sees the new targets
-        with torch.no_grad():
-            next_value = value_norm.denormalize(agent.get_value(next_obs))
-            values = value_norm.denormalize(value_buf)  # (T, E, N) de-normalised; batch["values"] stays normalised
-            advantages, returns = compute_gae(
-                reward_buf, values, done_buf, bootstrap_buf, next_value, args.gamma, args.gae_lambda
-            )
-            value_norm.update(returns)
-
-        # Flatten the batch: one sample = one time step of one env, all agents together
-        batch = {
-            "obs": obs_buf.reshape(-1, N, obs_dim),
-            "actions": action_buf.reshape(-1, N, act_dim),
-            "sigma": sigma_buf.reshape(-1, N),
-            "log_probs": log_prob_buf.reshape(-1, N),
-            "sigma_log_probs": sigma_log_prob_buf.reshape(-1),
-            "values": value_buf.reshape(-1, N),
-            "targets": value_norm.normalize(returns).reshape(-1, N),
-            "advantages": normalize_advantages(advantages.reshape(-1, N)),  # torchrun: with every rank's statistics
-        }
-
-        # 3. PPO epochs: per mini-batch, the clipped policy loss (eq. 5-6), the ranking loss on the stored orders
-        #    (eq. 15-16), the entropy and the clipped value loss, then one clipped Adam step (guarded_step)
-        mb_logged, skipped = [], 0  # each mini-batch's logged values
-        n_samples, mb_size = T * E, T * E // args.num_minibatches  # this rank's share (with torchrun, 1/W of the whole)
-        for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(n_samples, device=device)
-            for start in range(0, n_samples, mb_size):
-                mb_inds = b_inds[start : start + mb_size]
-                mb = {key: tensor[mb_inds] for key, tensor in batch.items()}
-                loss, logged = loss_fn(agent, args, mb)
-                if guarded_step(optimizer, flat_params, loss, args.max_grad_norm):
-                    skipped_in_a_row = 0
-                else:  # nothing non-finite reaches the weights; two iterations' worth in a row: stop
-                    skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
-                    if skipped_in_a_row >= 2 * args.update_epochs * args.num_minibatches:
-                        if writer is not None:
-                            writer.close()
-                        envs.close()
-                        if eval_envs is not None:
-                            eval_envs.close()
-                        sys.exit(nonfinite_error(skipped_in_a_row, checkpoint_path) if rank == 0 else 1)
-                mb_logged.append(logged)
-        logged = {name: torch.stack([m[name] for m in mb_logged]).mean() for name in logged}  # over every mini-batch
-
-        with torch.no_grad():
-            y_true, y_pred = returns.flatten(), values.flatten()
-            var_y = y_true.var()
-            explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
-
-        # 4. Logging, evaluation and checkpoints: rank 0 alone (torchrun)
-        if rank != 0:
-            continue
-        update_seconds, rollout_seconds = time.time() - update_start, update_start - rollout_start
-        sps = int((global_step - start_step) / (time.time() - start_time))
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("perf/rollout_seconds", rollout_seconds, global_step)
-        writer.add_scalar("perf/update_seconds", update_seconds, global_step)
-        for name, x in logged.items():  # policy_loss, value_loss, ranking_loss, entropy, approx_kl, clipfrac
-            writer.add_scalar(f"losses/{name}", x.item(), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("charts/skipped_updates", skipped, global_step)
-        if skipped:
-            print(
-                f"warning: iteration {iteration}: {skipped} of {args.update_epochs * args.num_minibatches} mini-batch "
-                f"updates skipped (non-finite loss or gradient norm); the weights did not take them",
-                flush=True,
-            )
-        writer.add_scalar("order/neg_log_prob", -sigma_log_prob_buf.mean().item(), global_step)
-        for i, frac in enumerate((first_counts / (T * E)).tolist()):
-            writer.add_scalar(f"order/agent{i}_first", frac, global_step)
-        if finished_returns:
-            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
-            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
-        if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
-            eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
-            if args.capture_video:  # one more episode of the evaluation policy, filmed (README, Videos)
-                record_video(agent, args, device, run_dir, global_step, writer)
-            writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
-            print(
-                f"  eval: return {np.mean(eval_returns):.1f} +- {np.std(eval_returns):.1f} over {len(eval_returns)} episodes",
-                flush=True,
-            )
-        mean_return = f"{np.mean(finished_returns):9.1f}" if finished_returns else "        -"
-        eta = (args.num_iterations - iteration) * (time.time() - start_time) / (iteration - start_iteration + 1)
-        print(
-            f"iter {iteration}/{args.num_iterations} | step {global_step} | SPS {sps} | return {mean_return} | "
-            f"left {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}",
-            flush=True,
-        )
-        last = iteration == args.num_iterations
-        if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
-            writer.flush()  # the events up to this step are on disk before a checkpoint says the run got here
-            state = checkpoint_state(
-                agent, optimizer, value_norm, iteration, global_step, args, obs_dim=obs_dim, act_dim=act_dim, act_dims=act_dims
-            )
-            checkpoint_path = save_checkpoint(run_dir, state) or checkpoint_path
-    if rank == 0 and start_iteration > args.num_iterations:
-        print(
-            f"the checkpoint is at iteration {start_iteration - 1} of {args.num_iterations}: nothing left to train "
-            f"(a larger --total-timesteps extends the run)"
-        )
-
-    if rank == 0 and args.save_model:
-        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        torch.save(
-            {
-                "model": agent.state_dict(),
-                "value_norm": value_norm.state_dict(),
-                "args": vars(args),
-                "obs_dim": obs_dim,
-                "act_dim": act_dim,
-                "act_dims": act_dims,
-            },
-            model_path,
-        )
-        print(f"model saved to {model_path}")
-    envs.close()
-    if eval_envs is not None:
-        eval_envs.close()
-    if writer is not None:
-        writer.close()
-    if world_size > 1:
-        in_step = ranks_in_step(flat_params)
-        if rank == 0:
-            print(f"torchrun: the weights are identical on {in_step} of {world_size} ranks", flush=True)
-        dist.barrier()  # every rank done with the group before any tears it down (else gloo can abort a rank at exit)
-        dist.destroy_process_group()
+    train(tyro.cli(Args))

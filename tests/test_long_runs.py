@@ -12,6 +12,7 @@ import time
 import conftest
 import pytest
 import torch
+import tyro
 from conftest import read_scalars, run_script
 
 import pmat_grf as pg
@@ -521,21 +522,17 @@ def test_only_rank_0_takes_the_checkpoints_random_streams(one_iteration):
 def test_logged_losses_are_the_mean_over_the_iterations_minibatches(tmp_path, monkeypatch):
     """losses/* of an iteration are the means over its mini-batches (not the last mini-batch's): one iteration of RUN
     (4 mini-batch updates) in this process, the script's ppo_loss wrapped to record what each mini-batch returned."""
-    path = os.path.join(conftest.ROOT, "pmat_mamujoco.py")
-    head, main = open(path).read().split('\nif __name__ == "__main__":\n')
-    namespace = {"__name__": "pmat_mamujoco_run", "__file__": path}
-    exec(compile(head, path, "exec"), namespace)  # the script's definitions
-    seen, real = [], namespace["ppo_loss"]
+    seen, real = [], pm.ppo_loss
 
     def recording(agent, args, mb):
         loss, logged = real(agent, args, mb)
         seen.append({name: x.item() for name, x in logged.items()})
         return loss, logged
 
-    namespace["ppo_loss"] = recording
+    monkeypatch.setattr(pm, "ppo_loss", recording)  # train() takes ppo_loss from the module when it starts
     run_dir = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["pmat_mamujoco.py", *RUN, "--run-dir", str(run_dir), "--total-timesteps", str(STEPS)])
-    exec(compile("if True:\n" + main, path, "exec"), namespace)  # the script's main block, as `python` runs it
+    pm.train(tyro.cli(pm.Args))  # the script's training loop, as `python pmat_mamujoco.py` runs it
     assert len(seen) == UPDATES
     scalars = read_scalars(str(run_dir))
     for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac"):

@@ -344,6 +344,46 @@ def test_flat_parameters_train_exactly_like_separate_ones():
     torch.testing.assert_close(plain.evaluate_actions(obs, action, order)[0], agent.evaluate_actions(obs, action, order)[0])
 
 
+def test_adam_parameter_groups_over_the_flat_parameters_take_their_own_learning_rate():
+    """parameter_groups (for Adam groups over the flat parameter, e.g. another learning rate for the scoring block): a
+    learning rate of 0 for "scorer" leaves the scoring block's weights exactly as they were while every other weight
+    moves; with the same learning rate for every group, five steps give the weights of Adam over the one flat tensor
+    (the train loop's set-up), to float rounding (fused Adam may split the work differently)."""
+    import copy
+
+    torch.manual_seed(6)
+    obs, action, order = torch.randn(8, 4, 7), torch.randn(8, 4, 3), torch.stack([torch.randperm(4) for _ in range(8)])
+
+    def trained(scorer_lr):  # five guarded_step updates -> (initial weights, trained weights) by parameter name
+        agent = perturbed_agent("pmat")
+        before = copy.deepcopy(agent.state_dict())
+        flat = pm.flatten_parameters(agent)
+        if scorer_lr is None:
+            optimizer = torch.optim.Adam([flat], lr=1e-2, eps=1e-5, fused=True)
+        else:
+            optimizer = torch.optim.Adam(
+                pm.parameter_groups(flat, agent, {"scorer": scorer_lr}), lr=1e-2, eps=1e-5, fused=True
+            )
+        for step in range(5):
+            log_prob, entropy, value, order_log_prob = agent.evaluate_actions(obs, action, order)
+            loss = -log_prob.mean() + (value**2).mean() - order_log_prob.mean() - 0.1 * entropy.mean()
+            assert pm.guarded_step(optimizer, flat, loss, 0.5)
+        return before, dict(agent.named_parameters())
+
+    groups = pm.parameter_groups(pm.flatten_parameters(perturbed_agent("pmat")), perturbed_agent("pmat"), {"scorer": 0.0})
+    assert [g.get("lr") for g in groups] == [0.0, None]  # the scorer's group, then the rest (Adam's lr)
+    before, frozen = trained(0.0)
+    scorer = [name for name in frozen if name.startswith("scorer.")]
+    assert scorer and len(scorer) < len(frozen)
+    for name, p in frozen.items():
+        moved = (p.detach() - before[name]).abs().max().item()
+        assert moved == 0 if name in scorer else moved > 1e-4, (name, moved)
+    _, flat_only = trained(None)
+    _, equal_groups = trained(1e-2)
+    for name, p in flat_only.items():
+        torch.testing.assert_close(equal_groups[name], p, rtol=0, atol=1e-6)
+
+
 def test_checkpoints_from_before_the_std_logit_rename_still_load(tmp_path):
     """Decoder.log_std was renamed std_logit (std = 0.5 * sigmoid(std_logit) is not a log): a state dict with the
     old key loads into the new parameter, directly and through load_agent (a --save-model file)."""
