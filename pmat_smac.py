@@ -991,6 +991,7 @@ def train(args):
         )
 
     agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
+    sizes = {"obs_dim": obs_dim, "n_actions": n_actions, "backend": backend}  # saved with each checkpoint and model
     value_norm = ValueNorm().to(device)
     # Adam over all weights, kept in one flat tensor (a speed-up: Part II, flatten_parameters; Adam parameter groups,
     # e.g. another learning rate for the scoring block: Adam(parameter_groups(flat_params, agent, {"scorer": 1e-4})))
@@ -1162,21 +1163,11 @@ def train(args):
             last = iteration == args.num_iterations
             if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
                 writer.flush()  # the events up to this step are on disk before a checkpoint says the run got here
-                state = checkpoint_state(
-                    agent,
-                    optimizer,
-                    value_norm,
-                    iteration,
-                    global_step,
-                    args,
-                    obs_dim=obs_dim,
-                    n_actions=n_actions,
-                    backend=backend,
-                )
+                state = checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args, **sizes)
                 checkpoint_path = save_checkpoint(run_dir, state) or checkpoint_path
 
         if rank == 0 and args.save_model:
-            save_model(run_dir, args, agent, value_norm, obs_dim=obs_dim, n_actions=n_actions, backend=backend)
+            save_model(run_dir, args, agent, value_norm, **sizes)
     finally:  # also when the run stops with an error: no env process is left behind, the events are on disk
         for closable in (envs, writer):
             if closable is not None:
