@@ -915,7 +915,7 @@ def train(args):
         )
 
     agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
-    sizes = {"obs_dim": obs_dim, "n_actions": n_actions}  # the network's sizes, saved with each checkpoint and model
+    sizes = {"obs_dim": obs_dim, "n_actions": n_actions}  # saved with each checkpoint and model
     value_norm = ValueNorm().to(device)
     # Adam over all weights, kept in one flat tensor (a speed-up: Part II, flatten_parameters; Adam parameter groups,
     # e.g. another learning rate for the scoring block: Adam(parameter_groups(flat_params, agent, {"scorer": 1e-4})))
@@ -1179,6 +1179,10 @@ def parameter_groups(flat_params, module, learning_rates):
         else:
             spans.append((offset, offset + p.numel()))
         offset += p.numel()
+    unknown = [name for name in learning_rates if not ranges[name]]
+    if unknown:  # a misspelt name (or the scorer of --order mat/rmat) would otherwise leave its learning rate unused
+        submodules = [name for name, child in module.named_children() if child is not None]
+        raise ValueError(f"parameter_groups: no parameters under {unknown}; the submodules are {submodules}")
     groups = []
     for name in names:
         params = []

@@ -989,6 +989,10 @@ def parameter_groups(flat_params, module, learning_rates):
         else:
             spans.append((offset, offset + p.numel()))
         offset += p.numel()
+    unknown = [name for name in learning_rates if not ranges[name]]
+    if unknown:  # a misspelt name (or the scorer of --order mat/rmat) would otherwise leave its learning rate unused
+        submodules = [name for name, child in module.named_children() if child is not None]
+        raise ValueError(f"parameter_groups: no parameters under {unknown}; the submodules are {submodules}")
     groups = []
     for name in names:
         params = []

@@ -348,7 +348,8 @@ def test_adam_parameter_groups_over_the_flat_parameters_take_their_own_learning_
     """parameter_groups (for Adam groups over the flat parameter, e.g. another learning rate for the scoring block): a
     learning rate of 0 for "scorer" leaves the scoring block's weights exactly as they were while every other weight
     moves; with the same learning rate for every group, five steps give the weights of Adam over the one flat tensor
-    (the train loop's set-up), to float rounding (fused Adam may split the work differently)."""
+    (the train loop's set-up), to float rounding (fused Adam may split the work differently); a name that matches no
+    submodule is an error, not an unused learning rate."""
     import copy
 
     torch.manual_seed(6)
@@ -372,6 +373,8 @@ def test_adam_parameter_groups_over_the_flat_parameters_take_their_own_learning_
 
     groups = pm.parameter_groups(pm.flatten_parameters(perturbed_agent("pmat")), perturbed_agent("pmat"), {"scorer": 0.0})
     assert [g.get("lr") for g in groups] == [0.0, None]  # the scorer's group, then the rest (Adam's lr)
+    with pytest.raises(ValueError, match=r"no parameters under \['scorre'\]"):  # a misspelt name fails loudly
+        pm.parameter_groups(pm.flatten_parameters(perturbed_agent("pmat")), perturbed_agent("pmat"), {"scorre": 0.0})
     before, frozen = trained(0.0)
     scorer = [name for name in frozen if name.startswith("scorer.")]
     assert scorer and len(scorer) < len(frozen)
