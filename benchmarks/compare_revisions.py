@@ -3,7 +3,7 @@
     python benchmarks/compare_revisions.py --before HEAD~1
 
 For each script it times, interleaved round by round (best round each, one torch thread):
-  * act: one rollout step of the policy (encoder, decision order, cached auto-regressive decoding),
+  * act: one rollout step of the policy (encoder, decision order, auto-regressive decoding),
   * update: one PPO mini-batch step (ppo_loss, backward, clipping, Adam) through guarded_step.
 and prints after/before ratios. Shapes: Ant 4x2-like (MuJoCo), MMM2-like (SMAC, 10 agents), 3 players (GRF).
 Revisions before ppo_loss took a mini-batch dict (43d7481 and earlier) are called with their positional arguments.
@@ -36,6 +36,8 @@ class Args:
     """the git revision to compare the working tree with"""
     rounds: int = 7
     """interleaved rounds; each side keeps its best round"""
+    scripts: tuple[str, ...] = tuple(SHAPES)
+    """the scripts to compare"""
 
 
 def load(path, name):
@@ -51,8 +53,11 @@ def make_calls(m, script):
     B, M, N, obs_dim, adim, kind = SHAPES[script]
     torch.manual_seed(0)
     agent = m.PMAT(obs_dim, adim, "pmat", 64, 1, 1)
-    flat = m.flatten_parameters(agent)
-    optimizer = torch.optim.Adam([flat], lr=5e-5, eps=1e-5, fused=True)
+    if hasattr(m, "flatten_parameters"):  # revisions before the usual optimizer step: Adam over one flat parameter
+        flat = m.flatten_parameters(agent)
+        optimizer, stepped = torch.optim.Adam([flat], lr=5e-5, eps=1e-5, fused=True), flat
+    else:
+        optimizer, stepped = torch.optim.Adam(agent.parameters(), lr=5e-5, eps=1e-5, fused=True), agent
     args = m.Args(order="pmat")
     obs = torch.randn(B, N, obs_dim)
     if kind == "masked" and "avail" not in inspect.signature(m.PMAT.act).parameters:
@@ -80,7 +85,7 @@ def make_calls(m, script):
         positional = [mb[k] for k in ("log_probs", "sigma_log_probs", "advantages", "targets", "values")]
         positional += [mb["active"]] if kind == "masked" else []
         loss = lambda: m.ppo_loss(agent, args, evaluate_inputs, *positional)[0]  # noqa: E731
-    return (lambda: agent.act(*act_inputs)), (lambda: m.guarded_step(optimizer, flat, loss(), 0.5))
+    return (lambda: agent.act(*act_inputs)), (lambda: m.guarded_step(optimizer, stepped, loss(), 0.5))
 
 
 def main():
@@ -88,7 +93,7 @@ def main():
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
     with tempfile.TemporaryDirectory() as old_dir:
-        for script in SHAPES:
+        for script in args.scripts:
             source = subprocess.run(
                 ["git", "show", f"{args.before}:{script}.py"], cwd=ROOT, capture_output=True, text=True, check=True
             ).stdout
