@@ -6,7 +6,7 @@ Measures, with random available actions:
   * in one process: num_envs SMAC v1 StarCraft2Env stepped one after another (what threads of one process would
     get at best, since this code holds the GIL): the main process's CPU time per env step (SMAC's step, get_obs
     and get_avail_actions, pysc2's protocol and protobuf parsing), and the wall time per vector step;
-  * in worker processes (pmat_smac.Sc2VecEnv, one process per game): the wall time per vector step.
+  * in worker processes (pmat_utils.sc2.Sc2VecEnv, one process per game): the wall time per vector step.
 The fake game's own work runs in its processes in both cases. On a real machine the game's simulation adds its own
 time per step; this measures the client side only.
 """
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import fake_sc2  # noqa: E402
 
-import pmat_smac  # noqa: E402
+from pmat_utils.sc2 import Sc2VecEnv  # noqa: E402
 
 
 @dataclass
@@ -68,7 +68,7 @@ def in_one_process(args, rng):
 
 
 def in_workers(args, rng):
-    envs = pmat_smac.Sc2VecEnv(args.map, args.num_envs, seed=0)
+    envs = Sc2VecEnv(args.map, args.num_envs, seed=0)
     obs, avail = envs.reset()
     wall = 0.0
     for t in range(10 + args.steps):

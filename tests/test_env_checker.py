@@ -30,6 +30,7 @@ from gymnasium.utils.env_checker import check_env, data_equivalence
 import pmat_grf as pg
 import pmat_mamujoco as pm
 import pmat_smac as ps
+from pmat_utils.sc2 import Sc2VecEnv
 
 GYMNASIUM_DIR = os.path.dirname(os.path.abspath(gym.__file__))
 UNBOUNDED_OBSERVATIONS = (
@@ -91,7 +92,7 @@ def test_every_gymnasium_env_class_is_checked():
         for module in (pm, pg, ps)
     }
     assert found == {"pmat_mamujoco": ["MaMuJoCoEnv"], "pmat_grf": ["FootballEnv"], "pmat_smac": []}
-    assert not issubclass(ps.SmaxVecEnv, gym.Env) and not issubclass(ps.Sc2VecEnv, gym.Env)
+    assert not issubclass(ps.SmaxVecEnv, gym.Env) and not issubclass(Sc2VecEnv, gym.Env)
 
 
 @pytest.mark.parametrize("agent_conf", ["4x2", "8x1"])

@@ -4,7 +4,7 @@ the scripts import them, and only those notices.
 - gymnasium-robotics prints farama_notifications' "AdroitHandRelocateDense-v1, ... reward functions were updated ..."
   to stderr (`print(..., file=sys.stderr)` at the end of its `__init__`); pmat_mamujoco.import_mamujoco drops it.
 - jaxmarl 0.2.0 prints "Importing submoduled environments..." and "Submoduled environments not found. Skipping
-  import." to stdout (`print` in `jaxmarl/environments/__init__.py`); pmat_smac.without_jaxmarl_notice drops them.
+  import." to stdout (`print` in `jaxmarl/environments/__init__.py`); pmat_utils.sc2.without_jaxmarl_notice drops them.
 
 Each check runs in a fresh interpreter (a library prints its notice once, at its first import), and a control run
 imports the library directly to show that the notice is really printed there.
@@ -69,9 +69,9 @@ def test_filters_drop_only_the_notices(tmp_path):
     (jaxmarl / "environments" / "smax" / "smax_env.py").write_text("MAP_NAME_TO_SCENARIO = {'fake_map': None}\n")
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "import pmat_mamujoco, pmat_smac\n"
+        "import pmat_mamujoco, pmat_utils.sc2\n"
         "print(pmat_mamujoco.import_mamujoco().NAME)\n"
-        "print(pmat_smac.smax_maps())\n"
+        "print(pmat_utils.sc2.smax_maps())\n"
     )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -86,8 +86,8 @@ def test_smax_import_and_env_creation_print_no_jaxmarl_notice():
     direct = run_python("import jaxmarl")
     assert all(notice in direct for notice in JAXMARL_NOTICES), direct  # jaxmarl 0.2.0 (pinned) prints them
     output = run_python(
-        "import pmat_smac\n"
-        "assert '3m' in pmat_smac.smax_maps()\n"
+        "import pmat_smac, pmat_utils.sc2\n"
+        "assert '3m' in pmat_utils.sc2.smax_maps()\n"
         "env, reset_all, step_all = pmat_smac.smax_functions('3m', 100)\n"
         "print('stdout still works')\n"  # stdout is restored after the import
     )

@@ -18,6 +18,7 @@ from conftest import read_scalars, run_script
 import pmat_grf as pg
 import pmat_mamujoco as pm
 import pmat_smac as ps
+import pmat_utils.sc2 as sc2_utils
 
 MODULES = {"pmat_mamujoco.py": pm, "pmat_smac.py": ps, "pmat_grf.py": pg}
 # HalfCheetah 6x1, 2 sync envs x 50 steps = 100 env steps per iteration, 2 epochs x 2 mini-batches = 4 Adam steps
@@ -447,9 +448,9 @@ def test_sc2_games_get_their_seeds_from_the_scheme(monkeypatch):
         def start(self):
             pass
 
-    context = ps.multiprocessing.get_context("spawn")
+    context = sc2_utils.multiprocessing.get_context("spawn")
     monkeypatch.setattr(context, "Process", Recorder)
-    env = ps.Sc2VecEnv.__new__(ps.Sc2VecEnv)
+    env = sc2_utils.Sc2VecEnv.__new__(sc2_utils.Sc2VecEnv)
     env.map_name, env.seed, env.rank, env.start_step, env.options = "3m", 7, 1, 500, (True, True)
     env.conns, env.workers, env.restarts = [None] * 2, [None] * 2, 0
     env._start(0), env._start(1)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, read_scalars, run_script
 
-import pmat_smac as ps
+import pmat_utils.sc2 as sc2_utils
 
 # Every test here needs SMAC v1, pysc2 and s2clientprotocol: skipped without them (with the command that installs
 # them), a failure under CI=true (conftest.require). fake_sc2 imports s2clientprotocol, so it is imported only inside.
@@ -67,7 +67,7 @@ def test_battles_end_and_begin_again(fake_game):
     reset kills the survivors and waits for the map's respawn. (smacv2's reset waits for an empty map that the v1
     maps never show: with smacv2 this test hits the step timeout at the first reset and counts restarts.)"""
     log_dir, _ = fake_game
-    envs = ps.Sc2VecEnv("3m", 2, seed=0, step_timeout=20)
+    envs = sc2_utils.Sc2VecEnv("3m", 2, seed=0, step_timeout=20)
     try:
         obs, avail = envs.reset()
         assert obs.shape == (2, 3, envs.obs_dim) and avail.shape == (2, 3, 9)
@@ -100,7 +100,7 @@ def test_observations_carry_agent_id_and_last_actions(fake_game):
         allies = obs[..., start : start + n_allies * ally_feats].reshape(*obs.shape[:2], n_allies, ally_feats)
         return np.concatenate([allies[..., -n_actions:], obs[..., None, -3 - n_actions : -3]], 2)
 
-    envs = ps.Sc2VecEnv("3m", 2, seed=0)
+    envs = sc2_utils.Sc2VecEnv("3m", 2, seed=0)
     try:
         obs, avail = envs.reset()
         assert obs.shape[-1] == sizes.get_obs_size() + n_actions + 3
@@ -138,13 +138,13 @@ def test_connection_lost_inside_reset_is_rebuilt_too(fake_game):
                 return t
         raise AssertionError("no battle ended")
 
-    probe = ps.Sc2VecEnv("3m", 1, seed=0, step_timeout=20)
+    probe = sc2_utils.Sc2VecEnv("3m", 1, seed=0, step_timeout=20)
     try:
         first_end = play(probe, until_done=True)  # env.step calls; the reset's step request is the next one
     finally:
         probe.close()
     set_fault("drop", at_step=first_end + 1)
-    envs = ps.Sc2VecEnv("3m", 1, seed=0, step_timeout=20)
+    envs = sc2_utils.Sc2VecEnv("3m", 1, seed=0, step_timeout=20)
     try:
         assert play(envs, until_done=True) == first_end
         # launches: the probe's game, the first game, SMAC's own relaunch inside reset, and the wrapper's rebuild
@@ -159,7 +159,7 @@ def test_dropped_connection_is_rebuilt(fake_game):
     it rebuilds the game in a new worker, counts a restart, and the run goes on."""
     log_dir, set_fault = fake_game
     set_fault("drop", at_step=5)
-    envs = ps.Sc2VecEnv("3m", 2, seed=0, step_timeout=20)
+    envs = sc2_utils.Sc2VecEnv("3m", 2, seed=0, step_timeout=20)
     try:
         obs, avail = envs.reset()
         rng, crash_step = np.random.default_rng(0), None
@@ -182,7 +182,7 @@ def test_hung_game_is_killed_and_restarted(fake_game):
     killed, a new game takes its place, and the battle counts as lost."""
     log_dir, set_fault = fake_game
     set_fault("hang", at_step=5)
-    envs = ps.Sc2VecEnv("3m", 2, seed=0, step_timeout=3)
+    envs = sc2_utils.Sc2VecEnv("3m", 2, seed=0, step_timeout=3)
     try:
         obs, avail = envs.reset()
         rng, slow = np.random.default_rng(0), []
@@ -202,7 +202,7 @@ def test_hung_game_is_killed_and_restarted(fake_game):
 def test_a_bug_is_not_taken_for_a_crash(fake_game):
     """SMAC asserts that each action is available: the no-op 0 for a live unit is an error in the caller's code.
     It stops the run with the worker's traceback; no game is restarted."""
-    envs = ps.Sc2VecEnv("3m", 1, seed=0)
+    envs = sc2_utils.Sc2VecEnv("3m", 1, seed=0)
     envs.reset()
     with pytest.raises(RuntimeError, match="cannot perform action 0") as error:
         envs.step(np.zeros((1, 3), int))
@@ -253,16 +253,16 @@ def test_script_trains_on_the_fake_game_and_survives_a_crash(fake_game, tmp_path
 def test_smac_map_list_is_smac_v1s():
     from smac.env.starcraft2.maps import smac_maps
 
-    assert sorted(ps.SMAC_MAPS) == sorted(smac_maps.get_smac_map_registry())
+    assert sorted(sc2_utils.SMAC_MAPS) == sorted(smac_maps.get_smac_map_registry())
 
 
 def test_missing_map_file_is_named(fake_game):
     with pytest.raises(SystemExit) as exit_info:
-        ps.choose_backend("auto", "MMM2")  # the fake install has 3m only
+        sc2_utils.choose_backend("auto", "MMM2")  # the fake install has 3m only
     message = exit_info.value.code
     assert message.startswith("error: the map file ") and message.count("\n") == 0
     assert os.path.join(os.environ["SC2PATH"], "Maps", "SMAC_Maps", "MMM2.SC2Map") in message and "SMAC_Maps.zip" in message
-    assert ps.choose_backend("auto", "3m") == ("sc2", "SMAC v1 and StarCraft II are installed")
+    assert sc2_utils.choose_backend("auto", "3m") == ("sc2", "SMAC v1 and StarCraft II are installed")
 
 
 @pytest.mark.parametrize(
@@ -275,18 +275,18 @@ def test_missing_map_file_is_named(fake_game):
 )
 def test_unknown_maps_are_named(fake_game, map_name, expected):
     with pytest.raises(SystemExit) as exit_info:
-        ps.choose_backend("sc2", map_name)
+        sc2_utils.choose_backend("sc2", map_name)
     for text in expected:
         assert text in exit_info.value.code
 
 
 def test_missing_game_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("SC2PATH", str(tmp_path / "no_game_here"))
-    assert "StarCraft II was not found at" in ps.sc2_problem() and "no_game_here" in ps.sc2_problem()
+    assert "StarCraft II was not found at" in sc2_utils.sc2_problem() and "no_game_here" in sc2_utils.sc2_problem()
     with pytest.raises(SystemExit) as exit_info:
-        ps.choose_backend("sc2", "10m_vs_11m")
+        sc2_utils.choose_backend("sc2", "10m_vs_11m")
     assert "no_game_here" in exit_info.value.code and "Installing StarCraft II and SMAC" in exit_info.value.code
-    backend, why = ps.choose_backend("auto", "10m_vs_11m")  # auto falls back to SMAX for a map SMAX has, and says why
+    backend, why = sc2_utils.choose_backend("auto", "10m_vs_11m")  # auto falls back to SMAX for a map SMAX has, and says why
     assert backend == "smax" and "StarCraft II was not found" in why
 
 

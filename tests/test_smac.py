@@ -13,6 +13,7 @@ import torch
 from conftest import read_scalars, run_script
 
 import pmat_smac as ps
+from pmat_utils.sc2 import Sc2VecEnv, choose_backend
 
 ORDERS = ["pmat", "mat", "rmat"]
 
@@ -186,7 +187,7 @@ def test_active_agents_follow_each_backends_dead_unit_rule():
     A living SMAC unit whose one available action is stop (boxed in, no target) still acts."""
     sc2 = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 1, 1, 0, 1, 1], [0, 1, 0, 0, 0, 0]], dtype=torch.bool)
     smax = torch.tensor([[0, 0, 0, 0, 1, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    assert ps.active_agents(sc2, ps.Sc2VecEnv.dead_action).tolist() == [False, True, True]
+    assert ps.active_agents(sc2, Sc2VecEnv.dead_action).tolist() == [False, True, True]
     assert ps.active_agents(smax, ps.SmaxVecEnv.dead_action).tolist() == [False, True, True]
 
 
@@ -205,7 +206,7 @@ def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
     dead[:, 0] = False  # at least one living agent per step
     avail[dead] = torch.nn.functional.one_hot(torch.tensor(0), 6).bool()
     avail[~avail.any(-1)] = torch.nn.functional.one_hot(torch.tensor(1), 6).bool()
-    active = ps.active_agents(avail, ps.Sc2VecEnv.dead_action)
+    active = ps.active_agents(avail, Sc2VecEnv.dead_action)
     assert torch.equal(active, ~dead)
     action, log_prob, value, sigma, sigma_log_prob = agent.act(obs, avail)
     new_log_prob = agent.evaluate_actions(obs, action, sigma, avail)[0]
@@ -456,7 +457,7 @@ def test_script_runs_on_smax_and_logs(order, tmp_path):
 def test_maps_smax_cannot_play_are_refused_by_name(backend, map_name, expected):
     """In-process (no subprocess start-up): the message sys.exit prints, naming the map and the maps there are."""
     with pytest.raises(SystemExit) as exit_info:
-        ps.choose_backend(backend, map_name)
+        choose_backend(backend, map_name)
     for text in expected:
         assert text in exit_info.value.code
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import count_env0_steps, perturbed_agent
 
 import pmat_smac as ps
+from pmat_utils.sc2 import Sc2VecEnv
 
 pytestmark = pytest.mark.sc2
 
@@ -22,7 +23,7 @@ def fake_game(sc2, tmp_path, monkeypatch):
 
 
 def test_sc2_units_and_film_of_env_0s_battle(fake_game):
-    envs = ps.Sc2VecEnv("3m", 2, seed=0, step_timeout=20)
+    envs = Sc2VecEnv("3m", 2, seed=0, step_timeout=20)
     try:
         envs.reset()
         units = envs.units(0)
