@@ -900,9 +900,7 @@ def train(args):
     envs = make_envs(args, E, async_envs)
     N, obs_dim = envs.single_observation_space.shape
     n_actions = GRF_NUM_ACTIONS
-    eval_envs = (
-        make_envs(args, min(args.num_envs, args.eval_episodes), async_envs) if args.eval_interval and not rank else None
-    )
+    eval_envs = None if rank or not args.eval_interval else make_envs(args, min(args.num_envs, args.eval_episodes), async_envs)
     if eval_envs is not None:  # rank 0 evaluates
         eval_envs.reset(seed=[runs.stream_seed(args.seed, "eval_env", 0, e, 0, start_step) for e in range(eval_envs.num_envs)])
     if rank == 0:
@@ -924,12 +922,11 @@ def train(args):
     skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
     next_obs, info = envs.reset(seed=[runs.stream_seed(args.seed, "env", rank, e, 0, start_step) for e in range(E)])
     next_obs, next_avail = torch.as_tensor(next_obs, device=device), torch.as_tensor(info["avail"], device=device)
-    episode_return, episode_score, episode_length = np.zeros(E), np.zeros(E), np.zeros(E, dtype=int)
+    episode = np.zeros((E, 3))  # per env, the running episode's return, score (goals for minus against) and length
 
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
-            finished_returns, finished_scores, finished_lengths = [], [], []
-            first_counts = torch.zeros(N, device=device)  # (N,) how often each agent acts first: order/agent{i}_first
+            finished = []  # (return, score, length) of each episode that ended in this rollout
             buf["bootstrap"].zero_()  # written only where the time limit cut an episode: clear the last rollout's
             # 1. Rollout: per step, sample an order sigma (Plackett-Luce, eq. 8, 11), decode the agents' actions in that
             #    order (each sees its predecessors' actions, eq. 6), restore agent order, step the envs
@@ -940,7 +937,6 @@ def train(args):
                 action, log_prob, value, sigma, sigma_log_prob = act(next_obs, next_avail)  # masked as SMAC's
                 buf["actions"][step], buf["log_probs"][step], buf["values"][step] = action, log_prob, value
                 buf["sigma"][step], buf["sigma_log_probs"][step] = sigma, sigma_log_prob
-                first_counts += torch.bincount(sigma[:, 0], minlength=N)
 
                 next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
                 next_obs = torch.as_tensor(next_obs_np, device=device)
@@ -953,14 +949,10 @@ def train(args):
                     with torch.no_grad():
                         final_value = value_norm.denormalize(agent.get_value(final_obs))
                     buf["bootstrap"][step, torch.as_tensor(cut, device=device)] = final_value
-                episode_return += reward
-                episode_score += step_scores(info, terminated | truncated)  # goals, from info["score_reward"], any --rewards
-                episode_length += 1
+                episode += np.stack([reward, step_scores(info, terminated | truncated), np.ones(E)], 1)  # any --rewards
                 for e in np.flatnonzero(terminated | truncated):
-                    finished_returns.append(episode_return[e])
-                    finished_scores.append(episode_score[e])
-                    finished_lengths.append(episode_length[e])
-                    episode_return[e], episode_score[e], episode_length[e] = 0.0, 0.0, 0
+                    finished.append(episode[e].copy())
+                    episode[e] = 0.0
 
             update_start = time.time()
             # 2. GAE on de-normalised values, then the value normaliser (ValueNorm) sees the new targets
@@ -998,6 +990,7 @@ def train(args):
             # 4. Logging, evaluation and checkpoints: rank 0 alone (torchrun)
             if rank != 0:
                 continue
+            first_counts = torch.bincount(buf["sigma"][:, :, 0].flatten(), minlength=N)  # (N,) how often each acts first
             scalars = {
                 "charts/learning_rate": optimizer.param_groups[0]["lr"],
                 "charts/SPS": int((global_step - start_step) / (time.time() - start_time)),
@@ -1007,30 +1000,19 @@ def train(args):
                 "losses/explained_variance": explained_variance(values, returns),
                 "charts/skipped_updates": skipped,
                 "order/neg_log_prob": -buf["sigma_log_probs"].mean().item(),
-                **{f"order/agent{i}_first": frac for i, frac in enumerate((first_counts / (T * E)).tolist())},
+                **{f"order/agent{i}_first": x for i, x in enumerate((first_counts / (T * E)).tolist())},
             }
-            if finished_returns:
-                scalars["charts/episodic_return"] = np.mean(finished_returns)
-                scalars["charts/episodic_length"] = np.mean(finished_lengths)
-                scalars["charts/episode_score"] = np.mean(finished_scores)  # goals per episode
-                scalars["charts/win_rate"] = np.mean(np.array(finished_scores) > 0)  # episodes with a goal
-            if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
-                eval_scores, eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
-                scalars["eval/episode_score"] = np.mean(eval_scores)
-                scalars["eval/win_rate"] = np.mean(np.array(eval_scores) > 0)
-                scalars["eval/episodic_return"] = np.mean(eval_returns)
-                print(
-                    f"  eval: score {np.mean(eval_scores):.3f}, win rate {scalars['eval/win_rate']:.3f}, return "
-                    f"{np.mean(eval_returns):.2f} over {len(eval_scores)} episodes"
-                )
-                if args.capture_video:  # one more episode of the evaluation policy, filmed (README, Videos)
-                    record_video(agent, args, device, run_dir, global_step, writer)
             summary = "no episode finished"
-            if finished_returns:
+            if finished:
+                episode_return, score, length = np.mean(finished, 0)
+                win_rate = np.mean(np.array(finished)[:, 1] > 0)  # episodes with a goal
+                scalars["charts/episodic_return"], scalars["charts/episodic_length"] = episode_return, length
+                scalars["charts/episode_score"], scalars["charts/win_rate"] = score, win_rate
                 summary = (
-                    f"return {np.mean(finished_returns):6.2f} | score {np.mean(finished_scores):5.3f} | win rate "
-                    f"{np.mean(np.array(finished_scores) > 0):5.3f} | {len(finished_scores)} episodes"
+                    f"return {episode_return:6.2f} | score {score:5.3f} | win rate {win_rate:5.3f} | {len(finished)} episodes"
                 )
+            if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
+                scalars |= evaluate(agent, eval_envs, args, device, run_dir, global_step, writer)
             runs.log_iteration(writer, scalars, global_step, iteration, args, start_iteration, start_time, summary)
             last = iteration == args.num_iterations
             if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
@@ -1041,9 +1023,8 @@ def train(args):
         if rank == 0 and args.save_model:
             save_model(run_dir, args, agent, value_norm, **sizes)
     finally:  # also when the run stops with an error: no env process is left behind, the events are on disk
-        for closable in (envs, eval_envs, writer):
-            if closable is not None:
-                closable.close()
+        for closable in [c for c in (envs, eval_envs, writer) if c is not None]:
+            closable.close()
     distributed.finish_distributed(agent, rank, world_size)
 
 
@@ -1091,6 +1072,20 @@ def load_agent(path, device="cpu"):
 
 
 # The flags that define a run (env, order, network, seed): --resume and --eval-only refuse other values for them
+def evaluate(agent, envs, args, device, run_dir, global_step, writer):
+    """One evaluation: its eval/* scalars, a printed line and, with --capture-video, a film (README, Videos)."""
+    scores, returns = evaluate_policy(agent, envs, args.eval_episodes, device)
+    win_rate = np.mean(np.array(scores) > 0)  # episodes with a goal
+    print(
+        f"  eval: score {np.mean(scores):.3f}, win rate {win_rate:.3f}, return {np.mean(returns):.2f} over {len(scores)} "
+        f"episodes",
+        flush=True,
+    )
+    if args.capture_video:  # one more episode of the evaluation policy, filmed
+        record_video(agent, args, device, run_dir, global_step, writer)
+    return {"eval/episode_score": np.mean(scores), "eval/win_rate": win_rate, "eval/episodic_return": np.mean(returns)}
+
+
 FIXED_FLAGS = ("env_name", "num_agents", "representation", "rewards", "order", "n_block", "n_embd", "n_head", "seed")
 
 
@@ -1122,15 +1117,8 @@ def eval_only(args):
     seed_process(stream_seed(args.seed, "process", start_step=global_step or 0))  # the evaluation's own streams
     envs = make_envs(args, min(args.num_envs, args.eval_episodes), args.async_envs and args.num_envs > 1)
     envs.reset(seed=[stream_seed(args.seed, "eval_env", 0, e, 0, global_step or 0) for e in range(envs.num_envs)])
-    scores, returns = evaluate_policy(agent.to(device), envs, args.eval_episodes, device)
+    evaluate(agent.to(device), envs, args, device, run_dir, global_step, None)
     envs.close()
-    print(
-        f"eval: score {np.mean(scores):.3f}, win rate {np.mean(np.array(scores) > 0):.3f}, return {np.mean(returns):.2f} "
-        f"over {len(scores)} episodes",
-        flush=True,
-    )
-    if args.capture_video:
-        record_video(agent, args, device, run_dir, global_step, None)
 
 
 if __name__ == "__main__":

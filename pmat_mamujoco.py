@@ -713,9 +713,7 @@ def train(args):
     N, obs_dim = envs.single_observation_space.shape
     act_dim = envs.single_action_space.shape[1]
     act_dims = envs.get_attr("act_dims")[0]  # each agent's joints; act_dim, the largest, is the padded size
-    eval_envs = (
-        make_envs(args, min(args.num_envs, args.eval_episodes), async_envs) if args.eval_interval and not rank else None
-    )
+    eval_envs = None if rank or not args.eval_interval else make_envs(args, min(args.num_envs, args.eval_episodes), async_envs)
     if eval_envs is not None:  # rank 0 evaluates
         eval_envs.reset(seed=[runs.stream_seed(args.seed, "eval_env", 0, e, 0, start_step) for e in range(eval_envs.num_envs)])
     if rank == 0:
@@ -742,7 +740,6 @@ def train(args):
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
             finished_returns, finished_lengths = [], []
-            first_counts = torch.zeros(N, device=device)  # (N,) how often each agent acts first: order/agent{i}_first
             buf["bootstrap"].zero_()  # written only where the time limit cut an episode: clear the last rollout's
             # 1. Rollout: per step, sample an order sigma (Plackett-Luce, eq. 8, 11), decode the agents' actions in that
             #    order (each sees its predecessors' actions, eq. 6), restore agent order, step the envs
@@ -753,7 +750,6 @@ def train(args):
                 action, log_prob, value, sigma, sigma_log_prob = act(next_obs)
                 buf["actions"][step], buf["log_probs"][step], buf["values"][step] = action, log_prob, value
                 buf["sigma"][step], buf["sigma_log_probs"][step] = sigma, sigma_log_prob
-                first_counts += torch.bincount(sigma[:, 0], minlength=N)
 
                 next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
                 next_obs = torch.as_tensor(next_obs_np, device=device)
@@ -808,6 +804,7 @@ def train(args):
             # 4. Logging, evaluation and checkpoints: rank 0 alone (torchrun)
             if rank != 0:
                 continue
+            first_counts = torch.bincount(buf["sigma"][:, :, 0].flatten(), minlength=N)  # (N,) how often each acts first
             scalars = {
                 "charts/learning_rate": optimizer.param_groups[0]["lr"],
                 "charts/SPS": int((global_step - start_step) / (time.time() - start_time)),
@@ -817,19 +814,13 @@ def train(args):
                 "losses/explained_variance": explained_variance(values, returns),
                 "charts/skipped_updates": skipped,
                 "order/neg_log_prob": -buf["sigma_log_probs"].mean().item(),
-                **{f"order/agent{i}_first": frac for i, frac in enumerate((first_counts / (T * E)).tolist())},
+                **{f"order/agent{i}_first": x for i, x in enumerate((first_counts / (T * E)).tolist())},
             }
             if finished_returns:
                 scalars["charts/episodic_return"] = np.mean(finished_returns)
                 scalars["charts/episodic_length"] = np.mean(finished_lengths)
             if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
-                eval_returns = evaluate_policy(agent, eval_envs, args.eval_episodes, device)
-                scalars["eval/episodic_return"] = np.mean(eval_returns)
-                print(
-                    f"  eval: return {np.mean(eval_returns):.1f} +- {np.std(eval_returns):.1f}, {len(eval_returns)} episodes"
-                )
-                if args.capture_video:  # one more episode of the evaluation policy, filmed (README, Videos)
-                    record_video(agent, args, device, run_dir, global_step, writer)
+                scalars |= evaluate(agent, eval_envs, args, device, run_dir, global_step, writer)
             summary = f"return {np.mean(finished_returns):9.1f}" if finished_returns else "return         -"
             runs.log_iteration(writer, scalars, global_step, iteration, args, start_iteration, start_time, summary)
             last = iteration == args.num_iterations
@@ -841,9 +832,8 @@ def train(args):
         if rank == 0 and args.save_model:
             save_model(run_dir, args, agent, value_norm, **sizes)
     finally:  # also when the run stops with an error: no env process is left behind, the events are on disk
-        for closable in (envs, eval_envs, writer):
-            if closable is not None:
-                closable.close()
+        for closable in [c for c in (envs, eval_envs, writer) if c is not None]:
+            closable.close()
     distributed.finish_distributed(agent, rank, world_size)
 
 
@@ -885,6 +875,15 @@ def load_agent(path, device="cpu"):
 
 
 # The flags that define a run (env, order, network, seed): --resume and --eval-only refuse other values for them
+def evaluate(agent, envs, args, device, run_dir, global_step, writer):
+    """One evaluation: its eval/* scalars, a printed line and, with --capture-video, a film (README, Videos)."""
+    returns = evaluate_policy(agent, envs, args.eval_episodes, device)
+    print(f"  eval: return {np.mean(returns):.1f} +- {np.std(returns):.1f} over {len(returns)} episodes", flush=True)
+    if args.capture_video:  # one more episode of the evaluation policy, filmed
+        record_video(agent, args, device, run_dir, global_step, writer)
+    return {"eval/episodic_return": np.mean(returns)}
+
+
 FIXED_FLAGS = ("scenario", "agent_conf", "agent_obsk", "order", "n_block", "n_embd", "n_head", "seed")
 
 
@@ -917,11 +916,8 @@ def eval_only(args):
     seed_process(stream_seed(args.seed, "process", start_step=global_step or 0))  # the evaluation's own streams
     envs = make_envs(args, min(args.num_envs, args.eval_episodes), args.async_envs and args.num_envs > 1)
     envs.reset(seed=[stream_seed(args.seed, "eval_env", 0, e, 0, global_step or 0) for e in range(envs.num_envs)])
-    returns = evaluate_policy(agent.to(device), envs, args.eval_episodes, device)
+    evaluate(agent.to(device), envs, args, device, run_dir, global_step, None)
     envs.close()
-    print(f"eval: return {np.mean(returns):.1f} +- {np.std(returns):.1f} over {len(returns)} episodes", flush=True)
-    if args.capture_video:
-        record_video(agent, args, device, run_dir, global_step, None)
 
 
 if __name__ == "__main__":
