@@ -239,3 +239,96 @@ def football_frames(agent, envs, title, device, seed):
             yield video_frame(scene, sigma, order_scores(agent, obs_t), labels, title.format(t))
             obs, _, terminated, truncated, info = envs.step(action.cpu().numpy())
             t, done = t + 1, terminated[0] or truncated[0]
+
+
+# StarCraft (SMAX and the real game) ----------------------------------------------------------------------------------
+BATTLE_VIDEO_SIZE = 320  # the battle map, BATTLE_VIDEO_SIZE x BATTLE_VIDEO_SIZE pixels
+MOVE_NAMES = {"smax": ["north", "east", "south", "west", "stop"], "sc2": ["no-op", "stop", "north", "south", "east", "west"]}
+
+
+def battle_units(envs):
+    """Env 0's battle, to draw it: per unit (allies first) its position (U, 2) in map units, health fraction, alive,
+    radius and, for an enemy, the ally it attacked in the last step (-1: none or not known); the map's size."""
+    if hasattr(envs, "states"):  # SMAX: read from the batch's JAX state
+        import jax
+
+        env = envs.env  # the SMAX env, with its unit tables
+        s = jax.tree.map(lambda x: x[0], jax.device_get(envs.states.state))  # to numpy, then env 0 (no JAX op to compile)
+        n, moves = env.num_allies, env.num_movement_actions
+        attack = np.asarray(s.prev_attack_actions[n:])  # an enemy's attack action a >= moves hits ally n - 1 - (a - moves)
+        return {
+            "pos": np.asarray(s.unit_positions),
+            "health": np.asarray(s.unit_health) / np.asarray(env.unit_type_health)[s.unit_types],
+            "alive": np.asarray(s.unit_alive),
+            "radius": np.asarray(env.unit_type_radiuses)[s.unit_types],
+            "enemy_target": np.where(attack >= moves, n - 1 - (attack - moves), -1),
+            "map_size": (env.map_width, env.map_height),
+        }
+    return envs.units(0)
+
+
+def draw_battle(units, targets, positions):
+    """Top-down map of a battle (y up, zoomed on the living units): allies blue, enemies red, each a ring whose filled
+    part shows its health, a grey cross when dead; a line from each attacking ally to its target in the colour of the
+    ally's position in this step's order, thin red lines for the enemies' last attacks; each ally's position written beside
+    it. targets (N,): the unit each ally attacks (-1: none); positions (N,): 0 = first."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size, n, pos, alive = BATTLE_VIDEO_SIZE, len(positions), units["pos"], units["alive"]
+    image = Image.new("RGB", (size, size), (228, 222, 200))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=12)
+    live = pos[alive] if alive.any() else pos  # the view: the living units with a margin of 3 map units (at least 12)
+    low, high = live.min(0), live.max(0)
+    scale, center = size / max(float((high - low).max()) + 6.0, 12.0), (low + high) / 2
+    px = lambda p: (size / 2 + (p[0] - center[0]) * scale, size / 2 - (p[1] - center[1]) * scale)  # noqa: E731
+    (width, height), wall = units["map_size"], (120, 120, 110)
+    draw.rectangle([px((0, height)), px((width, 0))], outline=wall, width=2)  # the map's edge (a unit touching it dies)
+    for j, target in enumerate(units["enemy_target"]):
+        if target >= 0 and alive[n + j] and alive[target]:
+            draw.line([px(pos[n + j]), px(pos[target])], fill=(200, 40, 40), width=1)
+    for i, target in enumerate(targets):
+        if target >= 0 and alive[i] and alive[target]:
+            draw.line([px(pos[i]), px(pos[target])], fill=POSITION_COLORS[positions[i] % len(POSITION_COLORS)], width=2)
+    for u in range(len(pos)):
+        (x, y), r = px(pos[u]), max(3.0, float(units["radius"][u]) * scale)
+        if not alive[u]:
+            draw.line([x - r, y - r, x + r, y + r], fill=(150, 150, 150), width=2)
+            draw.line([x - r, y + r, x + r, y - r], fill=(150, 150, 150), width=2)
+            continue
+        color = (40, 90, 220) if u < n else (210, 40, 40)
+        h = r * float(np.sqrt(np.clip(units["health"][u], 0, 1)))  # the filled disc's area is the health fraction
+        draw.ellipse([x - h, y - h, x + h, y + h], fill=color)
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=color, width=1)
+        if u < n:
+            color = POSITION_COLORS[positions[u] % len(POSITION_COLORS)]
+            draw.text((x + r, y - r - 11), str(positions[u] + 1), fill=color, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def battle_frames(agent, envs, title, backend, device):
+    """Film one battle of the evaluation policy (deterministic) in env 0 of envs (every env steps along), drawn from
+    the battle's state. Yields (H, W, 3) uint8 frames. The torch RNG (rMAT's orders) and SMAX's env keys are restored
+    afterwards, so filming does not change the training that follows."""
+    moves = MOVE_NAMES[backend]
+    keys, t, done = getattr(envs, "keys", None), 0, False
+    with torch.random.fork_rng():
+        obs, avail = envs.reset()
+        while not done:
+            obs_t = torch.as_tensor(obs, device=device)
+            action, _, _, sigma, _ = agent.act(obs_t, torch.as_tensor(avail, device=device), deterministic=True)
+            units, sigma, a = battle_units(envs), sigma[0].tolist(), action[0].tolist()
+            if units is None:  # the game crashed: the video ends here
+                break
+            n = len(a)
+            healer = units.get("healer", np.zeros(len(units["pos"]), bool))  # SC2's medivacs heal allies
+            targets = [-1 if x < len(moves) else x - len(moves) + (0 if healer[i] else n) for i, x in enumerate(a)]
+            labels = [
+                f"ally {i}: " + (moves[x] if x < len(moves) else f"{'heal a' if healer[i] else 'attack e'}{x - len(moves)}")
+                for i, x in enumerate(a)
+            ]
+            scene = draw_battle(units, targets, np.argsort(sigma).tolist())
+            yield video_frame(scene, sigma, order_scores(agent, obs_t[:1]), labels, title.format(t))
+            obs, avail, _, done, _ = envs.step(action.cpu().numpy())
+            t, done = t + 1, done[0]
+    if keys is not None:
+        envs.keys = keys
