@@ -126,9 +126,8 @@ class Args:
 
 
 # --- Environment: Multi-Agent MuJoCo (gymnasium-robotics mamujoco_v1, a PettingZoo parallel env) -----------------------------
-# Agent splits this script runs. Ant 8x1, one agent per joint, is not built in: it is made from the 4x2 graph by
-# giving every joint its own agent. Humanoid and HumanoidStandup 9|8 (upper body 9 joints, legs 8) and Pusher 3p
-# (3, 1 and 3 joints) have agents of different action sizes: actions are padded to the largest (see PMAT).
+# The agent splits. Ant 8x1 (one agent per joint) is made from the 4x2 graph; 9|8 and 3p have agents of different
+# action sizes: actions are padded to the largest (see PMAT).
 MAMUJOCO_SPLITS = {
     "Ant": ["2x4", "2x4d", "4x2", "8x1"],
     "HalfCheetah": ["2x3", "6x1"],
@@ -143,8 +142,7 @@ MAMUJOCO_SPLITS = {
 
 
 def import_mamujoco():
-    """`from gymnasium_robotics import mamujoco_v1`, minus the one notice it prints to stderr at import (about the
-    AdroitHand envs' rewards, which this script does not use); all other stderr output stays."""
+    """`from gymnasium_robotics import mamujoco_v1`, minus its import notice about the AdroitHand envs' rewards."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -156,8 +154,8 @@ def import_mamujoco():
 
 
 def check_env_args(args):
-    """Exit with a clear message on an unknown scenario, agent split or observation depth, or when --capture-video
-    cannot film here (checked first: it sets MUJOCO_GL, which MuJoCo reads once, at import)."""
+    """Exit with one `error:` line on a bad env flag. --capture-video is checked first: it sets MUJOCO_GL, which MuJoCo
+    reads once, at import."""
     if args.capture_video:
         from pmat_utils.video import check_mujoco_video
 
@@ -187,9 +185,8 @@ def make_mamujoco(scenario, agent_conf, agent_obsk):
         factorization = {"partition": [(joint,) for part in parts for joint in part], "edges": edges, "globals": global_nodes}
         return mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, agent_factorization=factorization)
     if scenario == "Pusher":
-        # gymnasium-robotics 1.4 labels the shoulder's two joints "r_wrist_roll_joint", as the wrist's: an agent's
-        # observation lists its neighbour joints sorted by label, so these three came in an order that changed from
-        # one env instance to the next (a set's order). Their real names make the order the same in every instance.
+        # gymnasium-robotics labels both shoulder joints "r_wrist_roll_joint": their real names give every instance
+        # the same observation order (neighbours are sorted by label)
         parts, edges, global_nodes = mamujoco_v1.get_parts_and_edges("Pusher", "3p")
         names = {0: "r_shoulder_pan_joint", 1: "r_shoulder_lift_joint"}  # by actuator id
         for joint in (joint for part in parts for joint in part):
@@ -200,13 +197,9 @@ def make_mamujoco(scenario, agent_conf, agent_obsk):
 
 
 class MaMuJoCoEnv(gym.Env):
-    """All agents of one MaMuJoCo task as one gymnasium env, so that gymnasium's vector envs can batch it.
-
-    obs (N, obs_dim) float32, each agent's observation zero-padded to the largest; action (N, act_dim), clipped to
-    the box; agent i's first act_dims[i] entries reach the env (its padded ones are dropped; their box is its first
-    joint's, a [0, 0] box would fail gymnasium's checker). reward: the shared team reward; info["state"] (S,), unused
-    by PMAT. Termination (the robot fell) and truncation (the 1000-step limit) are kept apart.
-    """
+    """All agents of one MaMuJoCo task as one gymnasium env, for gymnasium's vector envs. obs (N, obs_dim) zero-padded;
+    action (N, act_dim), of which agent i's first act_dims[i] entries reach the env; the shared team reward.
+    Termination (the robot fell) and truncation (the 1000-step limit) are kept apart."""
 
     def __init__(self, scenario, agent_conf, agent_obsk):
         self.env = make_mamujoco(scenario, agent_conf, agent_obsk)
@@ -218,7 +211,7 @@ class MaMuJoCoEnv(gym.Env):
         self.high = np.zeros((len(self.agents), act_dim), np.float32)  # (N, A)
         for i, agent in enumerate(self.agents):
             space = self.env.action_space(agent)
-            self.low[i], self.high[i] = space.low[0], space.high[0]  # the padded entries: the first joint's box
+            self.low[i], self.high[i] = space.low[0], space.high[0]  # padded entries: the first joint's box (not [0, 0])
             self.low[i, : self.act_dims[i]], self.high[i, : self.act_dims[i]] = space.low, space.high
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (len(self.agents), max(self.obs_dims)), np.float32)
         self.action_space = gym.spaces.Box(self.low, self.high, (len(self.agents), act_dim), np.float32)
@@ -289,7 +282,7 @@ def layer_init(layer, gain=0.01):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; causal=True lets position k attend to positions <= k only."""
+    """Multi-head attention; causal=True: position k attends to positions <= k only."""
 
     def __init__(self, n_embd, n_head, causal):
         super().__init__()
@@ -342,8 +335,8 @@ class DecodeBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Observations -> encodings rep (B, N, C) and per-agent values (B, N). No positional encoding: swapping
-    two agents' observations swaps their outputs (permutation-equivariant), so any decision order can be used."""
+    """Observations -> encodings rep (B, N, C) and values (B, N). No positional encoding: permutation-equivariant, so
+    any decision order can be used."""
 
     def __init__(self, obs_dim, n_embd, n_head, n_block):
         super().__init__()
@@ -360,8 +353,8 @@ class Encoder(nn.Module):
 
 
 class ScoringBlock(nn.Module):
-    """PMAT's scoring block: a priority score v_i in [1, 10] per agent from its encoding; log-weights z_i = log v_i (eq. 11).
-    The bounded score keeps the order distribution from collapsing; at init all v_i ~ 5.5 (a near-uniform order)."""
+    """A score v_i = 9 sigmoid(x_i) + 1 in [1, 10] per agent; P-L log-weights z_i = log v_i (eq. 11). Bounded: the order
+    cannot collapse; at init all v_i ~ 5.5, a near-uniform order."""
 
     def __init__(self, n_embd, hidden=64):
         super().__init__()
@@ -382,10 +375,8 @@ class ScoringBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Continuous actions: input at position k is the action of position k-1 (zeros at k = 0); output is the mean
-    of the Gaussian of position k's agent, sigma(k). The std is learned and state-independent:
-    std = 0.5 * sigmoid(std_logit) (MAT's log_std parameter; it is not a log), one per action dimension (A,),
-    shared by the agents; per_agent_std=N: one per agent and dimension (N, A) (agents of different sizes, see PMAT)."""
+    """Input at position k: the action of position k-1 (zeros at k = 0); output: the Gaussian mean of agent sigma(k).
+    std = 0.5 sigmoid(std_logit) (MAT's), learned, state-independent: (A,), or (N, A) with per_agent_std = N."""
 
     def __init__(self, act_dim, n_embd, n_head, n_block, per_agent_std=None):
         super().__init__()
@@ -411,15 +402,13 @@ class Decoder(nn.Module):
 
 
 def gaussian_log_prob(action, mean, std, mask=None):
-    """log N(action | mean, std^2) summed over action dimensions: (..., A) -> (...). mask (..., A) bool: sum over
-    the real dimensions only (padded ones add exactly 0 and pass no gradient back)."""
+    """log N(action | mean, std^2) summed over (..., A) -> (...); with mask (..., A), over the real dimensions only."""
     log_density = -0.5 * ((action - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return (log_density if mask is None else torch.where(mask, log_density, 0.0)).sum(-1)
 
 
 def gaussian_entropy(std, mask=None):
-    """Entropy of a diagonal Gaussian, summed over action dimensions (it does not depend on the mean); mask as in
-    gaussian_log_prob."""
+    """Entropy of a diagonal Gaussian, summed over action dimensions; mask as in gaussian_log_prob."""
     entropy = 0.5 + 0.5 * math.log(2 * math.pi) + torch.log(std)
     return (entropy if mask is None else torch.where(mask, entropy, 0.0)).sum(-1)
 
@@ -429,10 +418,8 @@ class PMAT(nn.Module):
     encodings into Plackett-Luce log-weights, from which the decision order sigma is drawn (eq. 8, 11); the decoder
     then acts agent by agent in that order (eq. 6). act() is the rollout, evaluate_actions() the training pass.
 
-    Agents of different action sizes (act_dims, e.g. Humanoid 9|8): actions are padded to act_dim = max(act_dims) and
-    action_mask (N, A) marks each agent's real dimensions. Padded entries are 0 (stored and fed to the next position);
-    the Gaussian log-prob and entropy sum over real dimensions only, so padded outputs get no gradient. The std is
-    then one per agent and dimension (N, A). Equal sizes build none of this (docs/mamujoco_hetero.md).
+    Agents of different action sizes (act_dims, e.g. 9|8): actions are padded to act_dim = max(act_dims); action_mask
+    (N, A) marks the real dimensions; padded entries are 0 and get no gradient; the std is per agent (N, A).
     """
 
     def __init__(self, obs_dim, act_dim, order="pmat", n_embd=64, n_head=1, n_block=1, act_dims=None):
@@ -467,15 +454,15 @@ class PMAT(nn.Module):
         return plackett_luce_log_prob(self.order_log_weights(rep), sigma)
 
     def act(self, obs, deterministic=False):
-        """Rollout. obs (B, N, obs_dim) -> actions (B, N, A), log-probs (B, N) and values (B, N) in agent order,
-        the decision order sigma (B, N) and its log-prob (B,). Padded action dimensions (see above) hold 0."""
-        with torch.inference_mode():  # speed: like no_grad, but cheaper per op (the rollout is bound by per-op overhead)
+        """Rollout: obs (B, N, obs_dim) -> actions (B, N, A), log-probs (B, N), values (B, N) in agent order, the
+        decision order sigma (B, N) and log P(sigma) (B,)."""
+        with torch.inference_mode():  # like no_grad, cheaper per op
             rep, value = self.encoder(obs)
             sigma, sigma_log_prob = self.decision_order(rep, deterministic)
             rep_sigma = gather_agents(rep, sigma)  # (B, N, C), reordered: position k holds agent sigma(k)
             B, N, _ = rep.shape
             std, mask = self.decoder.std(), self.action_mask  # (A,) and None: every agent has all A dimensions
-            if mask is not None:  # agents of different sizes: (N, A) each -> (B, N, A), in decision order like rep_sigma
+            if mask is not None:  # agents of different sizes: (N, A) -> (B, N, A), in decision order
                 std, mask = std[sigma], mask[sigma]
             # Auto-regressive decoding (eq. 6): position k runs the decoder on positions 0..k, whose inputs are the
             # actions drawn so far; the causal mask makes its output the same as in the one training pass
@@ -495,14 +482,12 @@ class PMAT(nn.Module):
         return tuple(x.clone() for x in outputs)  # inference tensors -> ordinary ones (autograd refuses the former)
 
     def evaluate_actions(self, obs, actions, sigma, avail=None):
-        """Training pass: one teacher-forced decoder call over the stored actions, in the STORED order sigma, so each
-        agent's log-prob is conditioned on the same predecessors as in the rollout (paper eq. 6).
-        obs (B, N, obs_dim), actions (B, N, A), sigma (B, N) -> log-probs (B, N), entropy (B, N), values (B, N),
-        log P(sigma) (B,). avail: SMAC's action masks, unused here (the argument keeps ppo_loss the same in the three
-        scripts)."""
+        """Training pass: one teacher-forced decoder call in the STORED order sigma, so each log-prob is conditioned on
+        the same predecessors as in the rollout (eq. 6) -> log-probs, entropy, values (B, N), log P(sigma) (B,).
+        avail: the discrete scripts' action masks, unused here."""
         rep, value = self.encoder(obs)
         mask = self.action_mask  # None, or (N, A) in agent order
-        if mask is not None:  # padded dimensions: 0 in the decoder input, as in the rollout (which stored 0 there)
+        if mask is not None:  # padded dimensions: 0 in the decoder input, as in the rollout
             actions = torch.where(mask, actions, 0.0)
         actions_sigma = gather_agents(actions, sigma)  # (B, N, A), in decision order
         prev_action = torch.cat([torch.zeros_like(actions_sigma[:, :1]), actions_sigma[:, :-1]], dim=1)  # shifted right
@@ -512,22 +497,21 @@ class PMAT(nn.Module):
         entropy = gaussian_entropy(std, mask).expand(mean.shape[:2])  # (B, N)
         return gaussian_log_prob(actions, mean, std, mask), entropy, value, self.sigma_log_prob(rep, sigma)
 
-    def load_state_dict(self, state_dict, *args, **kwargs):  # also reads files whose Decoder.std_logit was "log_std"
-        """nn.Module.load_state_dict, also for older files (see above)."""
+    def load_state_dict(self, state_dict, *args, **kwargs):  # also reads older files, where std_logit was "log_std"
         state_dict = {("decoder.std_logit" if k == "decoder.log_std" else k): v for k, v in state_dict.items()}
         return super().load_state_dict(state_dict, *args, **kwargs)
 
 
 # --- Value normalisation, GAE and advantage normalisation --------------------------------------------------------------------
 def all_reduce_sum(x):
-    """torchrun: sum the tensor x over all ranks, in place; x itself in a single process."""
+    """torchrun: sum x over all ranks, in place (a no-op in one process)."""
     if dist.is_initialized():
         dist.all_reduce(x)
     return x
 
 
 def all_reduce_mean(x):
-    """torchrun: average the tensor x over all ranks, in place; x itself in a single process."""
+    """torchrun: average x over all ranks, in place (a no-op in one process)."""
     if dist.is_initialized():
         dist.all_reduce(x)
         x /= dist.get_world_size()
@@ -535,7 +519,7 @@ def all_reduce_mean(x):
 
 
 class ValueNorm(nn.Module):
-    """Running mean and variance of the value targets (debiased EMA); the critic learns normalised targets."""
+    """Running mean and variance of the value targets (debiased EMA): the critic learns normalised targets."""
 
     def __init__(self, beta=0.99999, eps=1e-5):
         super().__init__()
@@ -588,9 +572,8 @@ def explained_variance(values, returns):
 
 
 def normalize_advantages(advantages, active=None):
-    """(A - mean) / (std + 1e-5) over every rank's advantages (T*E, N) (torchrun = one process with the union of the
-    batches); over the active entries only when given (SMAC: alive agents, as MAT). Weighted sums, not
-    advantages[active]: no shape depends on the data, so no device sync on the GPU."""
+    """(A - mean) / (std + 1e-5) over every rank's advantages (T*E, N); over the active entries only when given (SMAC's
+    alive agents, as MAT). Weighted sums, not advantages[active]: no data-dependent shape, no GPU sync."""
     weight = torch.ones_like(advantages) if active is None else active.to(advantages.dtype)  # (T*E, N) 1: counted
     count, total = all_reduce_sum(torch.stack([weight.sum(), (weight * advantages).sum()]))
     mean = total / count
@@ -604,24 +587,21 @@ def masked_mean(x, mask):  # (M, N) -> (), over the entries where mask is True (
 
 
 def ppo_loss(agent, args, mb):
-    """The loss of one PPO mini-batch of M samples -> (loss, the detached values to log).
-
-    mb: "obs", "actions", "sigma" (M, N) the stored orders, "avail" (action masks, discrete scripts), "log_probs" (M, N)
-    and "sigma_log_probs" (M,) of the rollout, "advantages" (M, N) normalised, "values", "targets" (M, N) normalised,
-    "active" (M, N) bool (SMAC: alive agents; absent when all act): the policy loss, entropy and ranking advantage
-    average over active agents only (as MAT), the value loss over all."""
+    """One PPO mini-batch of M samples -> (loss, the values to log). mb: the rollout's tensors by name (rollout_buffers)
+    plus "advantages" and "targets"; "active" (SMAC's alive agents, as MAT) limits the policy loss, the entropy and the
+    ranking advantage to the agents that act."""
     new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate_actions(
         mb["obs"], mb["actions"], mb["sigma"], mb.get("avail")
     )
     advantages, active = mb["advantages"], mb.get("active")
 
-    # Policy loss, eq. 5-6: per-agent clipped ratio with the agent's advantage
+    # Policy loss, eq. 5-6: per-agent clipped ratio
     log_ratio = new_log_prob - mb["log_probs"]
     ratio = log_ratio.exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)  # (M, N)
     pg_loss = -masked_mean(surrogate, active)
 
-    # Ranking loss, eq. 15-16: the order's clipped ratio with the advantage averaged over (active) agents
+    # Ranking loss, eq. 15-16: the order's clipped ratio, with the advantage averaged over (active) agents
     if args.order == "pmat":
         rank_ratio = (new_sigma_log_prob - mb["sigma_log_probs"]).exp()  # (M,)
         rank_adv = advantages.mean(1) if active is None else (advantages * active).sum(1) / active.sum(1).clamp(min=1)
@@ -672,8 +652,7 @@ def guarded_step(optimizer, agent, loss, max_grad_norm):
 
 # --- The training loop -------------------------------------------------------------------------------------------------------
 def rollout_buffers(T, E, N, obs_dim, act_dim, device):
-    """The rollout storage, time-major, zeros on `device` (E: this rank's envs), named as ppo_loss's mini-batch keys;
-    "bootstrap": V(final obs) where the time limit cut an episode."""
+    """The rollout storage (T, E, ...), named as ppo_loss's keys; "bootstrap": V(final obs) where the time limit cut."""
     return {
         "obs": torch.zeros((T, E, N, obs_dim), device=device),
         "actions": torch.zeros((T, E, N, act_dim), device=device),
@@ -695,15 +674,15 @@ def train(args):
     if args.eval_only:  # no training: evaluate (and film) a trained run
         return eval_only(args)
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
-    if args.resume:  # the flags that define the run stay as the checkpoint has them
+    if args.resume:  # the run's flags, with FIXED_FLAGS as saved
         args, checkpoint, checkpoint_path = checkpoints.resume_args(args, FIXED_FLAGS)
     runs.check_args(args)
     check_env_args(args)
     split = args.agent_conf.replace("|", "-")  # 9|8 -> 9-8: no shell pipe character in the folder name
     run_name = f"{args.scenario}-{split}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
-    # torchrun: --num-envs is the total; each of the W ranks runs num_envs / W envs and updates on its own share
+    # torchrun: each of the W ranks runs num_envs / W envs and averages its gradients with the others
     rank, world_size, device, start_step, run_dir, writer = runs.start_run(args, checkpoint, run_name)
-    # Seeding: every rank, env and resume its own random streams (stream_seed); a resumed rank 0 then restores its own
+    # Seeding: every rank, env and resume has its own random streams (stream_seed)
     runs.seed_process(runs.stream_seed(args.seed, "process", rank, start_step=start_step))
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
@@ -732,7 +711,7 @@ def train(args):
         checkpoint, checkpoint_path, agent, optimizer, value_norm, args, rank
     )
     start_time, start_step = time.time(), global_step
-    skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
+    skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient
     next_obs, _ = envs.reset(seed=[runs.stream_seed(args.seed, "env", rank, e, 0, start_step) for e in range(E)])
     next_obs = torch.as_tensor(next_obs, device=device)
     episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=int)
@@ -741,8 +720,7 @@ def train(args):
         for iteration in range(start_iteration, args.num_iterations + 1):
             finished_returns, finished_lengths = [], []
             buf["bootstrap"].zero_()  # written only where the time limit cut an episode: clear the last rollout's
-            # 1. Rollout: per step, sample an order sigma (Plackett-Luce, eq. 8, 11), decode the agents' actions in that
-            #    order (each sees its predecessors' actions, eq. 6), restore agent order, step the envs
+            # 1. Rollout: per step an order sigma (eq. 8, 11), the actions decoded in that order (eq. 6), the envs step
             rollout_start = time.time()
             for step in range(T):
                 global_step += E * world_size  # every rank's env steps
@@ -756,7 +734,7 @@ def train(args):
                 buf["rewards"][step] = torch.as_tensor(reward, device=device)
                 buf["dones"][step] = torch.as_tensor(terminated | truncated, device=device)
                 cut = truncated & ~terminated
-                if cut.any():  # the time limit ended these episodes: bootstrap from the value of their last obs
+                if cut.any():  # the time limit ended these episodes: bootstrap from their last obs
                     final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
                     with torch.no_grad():
                         final_value = value_norm.denormalize(agent.get_value(final_obs))
@@ -769,7 +747,7 @@ def train(args):
                     episode_return[e], episode_length[e] = 0.0, 0
 
             update_start = time.time()
-            # 2. GAE on de-normalised values, then the value normaliser (ValueNorm) sees the new targets
+            # 2. GAE on de-normalised values; ValueNorm then sees the new targets
             with torch.no_grad():
                 next_value = value_norm.denormalize(agent.get_value(next_obs))
                 values = value_norm.denormalize(buf["values"])  # (T, E, N); the batch's "values" stay normalised
@@ -777,16 +755,15 @@ def train(args):
                     buf["rewards"], values, buf["dones"], buf["bootstrap"], next_value, args.gamma, args.gae_lambda
                 )
                 value_norm.update(returns)
-            # one sample = one time step of one env, all agents together: (T, E, ...) -> (T * E, ...)
+            # one sample = one step of one env, all agents: (T, E, ...) -> (T * E, ...)
             keys = ("obs", "actions", "sigma", "log_probs", "sigma_log_probs", "values")
             batch = {key: buf[key].flatten(0, 1) for key in keys}
             batch["targets"] = value_norm.normalize(returns).flatten(0, 1)
             batch["advantages"] = normalize_advantages(advantages.flatten(0, 1))  # torchrun: every rank's statistics
 
-            # 3. PPO epochs: per mini-batch, the clipped policy loss (eq. 5-6), the ranking loss on the stored orders
-            #    (eq. 15-16), the entropy and the clipped value loss, then one clipped Adam step (guarded_step)
-            mb_logged, skipped = [], 0  # each mini-batch's logged values
-            n_samples, mb_size = T * E, T * E // args.num_minibatches  # this rank's share (torchrun: 1/W of the whole)
+            # 3. PPO epochs: per mini-batch the policy, ranking, entropy and value losses, one clipped Adam step
+            mb_logged, skipped = [], 0
+            n_samples, mb_size = T * E, T * E // args.num_minibatches  # this rank's share
             for epoch in range(args.update_epochs):
                 b_inds = torch.randperm(n_samples, device=device)
                 for start in range(0, n_samples, mb_size):
@@ -794,7 +771,7 @@ def train(args):
                     loss, logged = loss_fn(agent, args, mb)
                     if guarded_step(optimizer, agent, loss, args.max_grad_norm):
                         skipped_in_a_row = 0
-                    else:  # nothing non-finite reaches the weights; two iterations' worth in a row: stop
+                    else:  # two iterations' worth in a row: stop
                         skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
                         if skipped_in_a_row >= 2 * args.update_epochs * args.num_minibatches:
                             sys.exit(checkpoints.nonfinite_error(skipped_in_a_row, checkpoint_path) if rank == 0 else 1)
@@ -810,7 +787,7 @@ def train(args):
                 "charts/SPS": int((global_step - start_step) / (time.time() - start_time)),
                 "perf/rollout_seconds": update_start - rollout_start,
                 "perf/update_seconds": time.time() - update_start,
-                **{f"losses/{name}": x.item() for name, x in logged.items()},  # policy, value, ranking, entropy, kl, clip
+                **{f"losses/{name}": x.item() for name, x in logged.items()},
                 "losses/explained_variance": explained_variance(values, returns),
                 "charts/skipped_updates": skipped,
                 "order/neg_log_prob": -buf["sigma_log_probs"].mean().item(),
@@ -825,13 +802,13 @@ def train(args):
             runs.log_iteration(writer, scalars, global_step, iteration, args, start_iteration, start_time, summary)
             last = iteration == args.num_iterations
             if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
-                writer.flush()  # the events up to this step are on disk before a checkpoint says the run got here
+                writer.flush()  # the events are on disk before a checkpoint says the run got here
                 state = checkpoints.checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args, **sizes)
                 checkpoint_path = checkpoints.save_checkpoint(run_dir, state) or checkpoint_path
 
         if rank == 0 and args.save_model:
             save_model(run_dir, args, agent, value_norm, **sizes)
-    finally:  # also when the run stops with an error: no env process is left behind, the events are on disk
+    finally:  # also on an error: no env process is left behind
         for closable in [c for c in (envs, eval_envs, writer) if c is not None]:
             closable.close()
     distributed.finish_distributed(agent, rank, world_size)
@@ -839,8 +816,8 @@ def train(args):
 
 # --- Evaluation, the saved model, videos and --eval-only ---------------------------------------------------------------------
 def evaluate_policy(agent, envs, episodes, device):
-    """Deterministic order and deterministic actions; returns the return of each of `episodes` episodes. Env e plays
-    a fixed quota of episodes, so that short episodes (the robot fell) do not crowd out long ones in the average."""
+    """Deterministic orders and actions -> the return of each of `episodes` episodes. Each env plays a fixed quota, so
+    that short episodes do not crowd out long ones."""
     quota = np.full(envs.num_envs, episodes // envs.num_envs)
     quota[: episodes % envs.num_envs] += 1
     obs, _ = envs.reset()
@@ -858,15 +835,14 @@ def evaluate_policy(agent, envs, episodes, device):
 
 
 def save_model(run_dir, args, agent, value_norm, **sizes):
-    """--save-model: the trained weights, ValueNorm and the run's flags, in {run_dir}/{exp_name}.cleanrl_model
-    (load_agent rebuilds the agent from it; sizes: the network's input and output sizes)."""
+    """--save-model: weights, ValueNorm, flags and the network's sizes in {run_dir}/{exp_name}.cleanrl_model."""
     model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
     torch.save({"model": agent.state_dict(), "value_norm": value_norm.state_dict(), "args": vars(args), **sizes}, model_path)
     print(f"model saved to {model_path}")
 
 
 def load_agent(path, device="cpu"):
-    """Rebuild a trained agent from a `--save-model` checkpoint -> (agent, the run's args as a dict)."""
+    """A trained agent from a --save-model file or checkpoint -> (agent, the run's flags as a dict)."""
     checkpoint = torch.load(path, map_location=device, weights_only=True)  # tensors and plain values only
     a, act_dims = checkpoint["args"], checkpoint.get("act_dims")  # no act_dims: a file from before (equal sizes)
     agent = PMAT(checkpoint["obs_dim"], checkpoint["act_dim"], a["order"], a["n_embd"], a["n_head"], a["n_block"], act_dims)
@@ -902,8 +878,7 @@ def record_video(agent, args, device, run_dir, global_step, writer):
 
 
 def eval_only(args):
-    """--eval-only --resume RUN: evaluate RUN's trained policy on fresh episodes and print the result; with
-    --capture-video also film one episode into RUN/videos. No training, nothing else written."""
+    """--eval-only --resume RUN: evaluate (and with --capture-video, film) RUN's policy on fresh episodes."""
     from pmat_utils.distributed import setup_distributed
     from pmat_utils.runs import check_args, seed_process, stream_seed
     from pmat_utils.video import load_trained

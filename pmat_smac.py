@@ -329,7 +329,7 @@ def layer_init(layer, gain=0.01):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; causal=True lets position k attend to positions <= k only."""
+    """Multi-head attention; causal=True: position k attends to positions <= k only."""
 
     def __init__(self, n_embd, n_head, causal):
         super().__init__()
@@ -382,8 +382,8 @@ class DecodeBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Observations -> encodings rep (B, N, C) and per-agent values (B, N). No positional encoding: swapping
-    two agents' observations swaps their outputs (permutation-equivariant), so any decision order can be used."""
+    """Observations -> encodings rep (B, N, C) and values (B, N). No positional encoding: permutation-equivariant, so
+    any decision order can be used."""
 
     def __init__(self, obs_dim, n_embd, n_head, n_block):
         super().__init__()
@@ -400,8 +400,8 @@ class Encoder(nn.Module):
 
 
 class ScoringBlock(nn.Module):
-    """PMAT's scoring block: a priority score v_i in [1, 10] per agent from its encoding; log-weights z_i = log v_i (eq. 11).
-    The bounded score keeps the order distribution from collapsing; at init all v_i ~ 5.5 (a near-uniform order)."""
+    """A score v_i = 9 sigmoid(x_i) + 1 in [1, 10] per agent; P-L log-weights z_i = log v_i (eq. 11). Bounded: the order
+    cannot collapse; at init all v_i ~ 5.5, a near-uniform order."""
 
     def __init__(self, n_embd, hidden=64):
         super().__init__()
@@ -537,14 +537,14 @@ class PMAT(nn.Module):
 
 # --- Value normalisation, GAE and advantage normalisation --------------------------------------------------------------------
 def all_reduce_sum(x):
-    """torchrun: sum the tensor x over all ranks, in place; x itself in a single process."""
+    """torchrun: sum x over all ranks, in place (a no-op in one process)."""
     if dist.is_initialized():
         dist.all_reduce(x)
     return x
 
 
 def all_reduce_mean(x):
-    """torchrun: average the tensor x over all ranks, in place; x itself in a single process."""
+    """torchrun: average x over all ranks, in place (a no-op in one process)."""
     if dist.is_initialized():
         dist.all_reduce(x)
         x /= dist.get_world_size()
@@ -552,7 +552,7 @@ def all_reduce_mean(x):
 
 
 class ValueNorm(nn.Module):
-    """Running mean and variance of the value targets (debiased EMA); the critic learns normalised targets."""
+    """Running mean and variance of the value targets (debiased EMA): the critic learns normalised targets."""
 
     def __init__(self, beta=0.99999, eps=1e-5):
         super().__init__()
@@ -605,9 +605,8 @@ def explained_variance(values, returns):
 
 
 def normalize_advantages(advantages, active=None):
-    """(A - mean) / (std + 1e-5) over every rank's advantages (T*E, N) (torchrun = one process with the union of the
-    batches); over the active entries only when given (SMAC: alive agents, as MAT). Weighted sums, not
-    advantages[active]: no shape depends on the data, so no device sync on the GPU."""
+    """(A - mean) / (std + 1e-5) over every rank's advantages (T*E, N); over the active entries only when given (SMAC's
+    alive agents, as MAT). Weighted sums, not advantages[active]: no data-dependent shape, no GPU sync."""
     weight = torch.ones_like(advantages) if active is None else active.to(advantages.dtype)  # (T*E, N) 1: counted
     count, total = all_reduce_sum(torch.stack([weight.sum(), (weight * advantages).sum()]))
     mean = total / count
@@ -621,24 +620,21 @@ def masked_mean(x, mask):  # (M, N) -> (), over the entries where mask is True (
 
 
 def ppo_loss(agent, args, mb):
-    """The loss of one PPO mini-batch of M samples -> (loss, the detached values to log).
-
-    mb: "obs", "actions", "sigma" (M, N) the stored orders, "avail" (action masks, discrete scripts), "log_probs" (M, N)
-    and "sigma_log_probs" (M,) of the rollout, "advantages" (M, N) normalised, "values", "targets" (M, N) normalised,
-    "active" (M, N) bool (SMAC: alive agents; absent when all act): the policy loss, entropy and ranking advantage
-    average over active agents only (as MAT), the value loss over all."""
+    """One PPO mini-batch of M samples -> (loss, the values to log). mb: the rollout's tensors by name (rollout_buffers)
+    plus "advantages" and "targets"; "active" (SMAC's alive agents, as MAT) limits the policy loss, the entropy and the
+    ranking advantage to the agents that act."""
     new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate_actions(
         mb["obs"], mb["actions"], mb["sigma"], mb.get("avail")
     )
     advantages, active = mb["advantages"], mb.get("active")
 
-    # Policy loss, eq. 5-6: per-agent clipped ratio with the agent's advantage
+    # Policy loss, eq. 5-6: per-agent clipped ratio
     log_ratio = new_log_prob - mb["log_probs"]
     ratio = log_ratio.exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)  # (M, N)
     pg_loss = -masked_mean(surrogate, active)
 
-    # Ranking loss, eq. 15-16: the order's clipped ratio with the advantage averaged over (active) agents
+    # Ranking loss, eq. 15-16: the order's clipped ratio, with the advantage averaged over (active) agents
     if args.order == "pmat":
         rank_ratio = (new_sigma_log_prob - mb["sigma_log_probs"]).exp()  # (M,)
         rank_adv = advantages.mean(1) if active is None else (advantages * active).sum(1) / active.sum(1).clamp(min=1)
@@ -689,8 +685,8 @@ def guarded_step(optimizer, agent, loss, max_grad_norm):
 
 # --- The training loop -------------------------------------------------------------------------------------------------------
 def rollout_buffers(T, E, N, obs_dim, n_actions, device):
-    """The rollout storage, time-major, zeros on `device` (E: this rank's envs), named as ppo_loss's mini-batch keys;
-    "bootstrap" stays zeros (SMAC's time limit ends the battle, a loss: nothing bootstraps); "active": alive agents."""
+    """The rollout storage (T, E, ...), named as ppo_loss's keys; "bootstrap" stays 0 (SMAC's time limit ends the
+    battle, a loss: nothing bootstraps); "active": the alive agents."""
     return {
         "obs": torch.zeros((T, E, N, obs_dim), device=device),
         "avail": torch.zeros((T, E, N, n_actions), dtype=torch.bool, device=device),  # the available actions
@@ -714,7 +710,7 @@ def train(args):
     if args.eval_only:  # no training: evaluate (and film) a trained run
         return eval_only(args)
     checkpoint, checkpoint_path = None, None  # checkpoint_path: this run's last whole checkpoint
-    if args.resume:  # the flags that define the run stay as the checkpoint has them
+    if args.resume:  # the run's flags, with FIXED_FLAGS as saved
         args, checkpoint, checkpoint_path = checkpoints.resume_args(args, FIXED_FLAGS)
     runs.check_args(args)
     backend, why = check_env_args(args)  # who plays the battles, and why
@@ -724,9 +720,9 @@ def train(args):
             f"would run {backend} ({why}): give --backend {checkpoint['backend']}"
         )
     run_name = f"{args.map}-{backend}__{args.exp_name}-{args.order}__{args.seed}__{int(time.time())}"
-    # torchrun: --num-envs is the total; each of the W ranks runs num_envs / W envs and updates on its own share
+    # torchrun: each of the W ranks runs num_envs / W envs and averages its gradients with the others
     rank, world_size, device, start_step, run_dir, writer = runs.start_run(args, checkpoint, run_name)
-    # Seeding: every rank, env and resume its own random streams (stream_seed); a resumed rank 0 then restores its own
+    # Seeding: every rank, env and resume has its own random streams (stream_seed)
     runs.seed_process(runs.stream_seed(args.seed, "process", rank, start_step=start_step))
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
@@ -753,7 +749,7 @@ def train(args):
         checkpoint, checkpoint_path, agent, optimizer, value_norm, args, rank
     )
     start_time, start_step = time.time(), global_step
-    skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient norm, since the last good one
+    skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient
     next_obs, next_avail = (torch.as_tensor(x, device=device) for x in envs.reset())
     episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=int)
     battles_won, battles_done = 0, 0  # since the last charts/win_rate point
@@ -761,8 +757,7 @@ def train(args):
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
             finished_returns, finished_lengths = [], []
-            # 1. Rollout: per step, sample an order sigma (Plackett-Luce, eq. 8, 11), decode the agents' actions in that
-            #    order (each sees its predecessors' actions, eq. 6), restore agent order, step the envs
+            # 1. Rollout: per step an order sigma (eq. 8, 11), the actions decoded in that order (eq. 6), the envs step
             rollout_start = time.time()
             for step in range(T):
                 global_step += E * world_size  # every rank's env steps
@@ -785,7 +780,7 @@ def train(args):
                 battles_won, battles_done = battles_won + int(won.sum()), battles_done + int(done.sum())
 
             update_start = time.time()
-            # 2. GAE on de-normalised values, then the value normaliser (ValueNorm) sees the new targets
+            # 2. GAE on de-normalised values; ValueNorm then sees the new targets
             with torch.no_grad():
                 next_value = value_norm.denormalize(agent.get_value(next_obs))
                 values = value_norm.denormalize(buf["values"])  # (T, E, N); the batch's "values" stay normalised
@@ -793,16 +788,15 @@ def train(args):
                     buf["rewards"], values, buf["dones"], buf["bootstrap"], next_value, args.gamma, args.gae_lambda
                 )
                 value_norm.update(returns)
-            # one sample = one time step of one env, all agents together: (T, E, ...) -> (T * E, ...)
+            # one sample = one step of one env, all agents: (T, E, ...) -> (T * E, ...)
             keys = ("obs", "avail", "actions", "sigma", "log_probs", "sigma_log_probs", "values", "active")
             batch = {key: buf[key].flatten(0, 1) for key in keys}
             batch["targets"] = value_norm.normalize(returns).flatten(0, 1)
             batch["advantages"] = normalize_advantages(advantages.flatten(0, 1), batch["active"])  # alive agents (MAT)
 
-            # 3. PPO epochs: per mini-batch, the clipped policy loss (eq. 5-6), the ranking loss on the stored orders
-            #    (eq. 15-16), the entropy and the clipped value loss, then one clipped Adam step (guarded_step)
-            mb_logged, skipped = [], 0  # each mini-batch's logged values
-            n_samples, mb_size = T * E, T * E // args.num_minibatches  # this rank's share (torchrun: 1/W of the whole)
+            # 3. PPO epochs: per mini-batch the policy, ranking, entropy and value losses, one clipped Adam step
+            mb_logged, skipped = [], 0
+            n_samples, mb_size = T * E, T * E // args.num_minibatches  # this rank's share
             for epoch in range(args.update_epochs):
                 b_inds = torch.randperm(n_samples, device=device)
                 for start in range(0, n_samples, mb_size):
@@ -810,7 +804,7 @@ def train(args):
                     loss, logged = loss_fn(agent, args, mb)
                     if guarded_step(optimizer, agent, loss, args.max_grad_norm):
                         skipped_in_a_row = 0
-                    else:  # nothing non-finite reaches the weights; two iterations' worth in a row: stop
+                    else:  # two iterations' worth in a row: stop
                         skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
                         if skipped_in_a_row >= 2 * args.update_epochs * args.num_minibatches:
                             sys.exit(checkpoints.nonfinite_error(skipped_in_a_row, checkpoint_path) if rank == 0 else 1)
@@ -826,7 +820,7 @@ def train(args):
                 "charts/SPS": int((global_step - start_step) / (time.time() - start_time)),
                 "perf/rollout_seconds": update_start - rollout_start,
                 "perf/update_seconds": time.time() - update_start,
-                **{f"losses/{name}": x.item() for name, x in logged.items()},  # policy, value, ranking, entropy, kl, clip
+                **{f"losses/{name}": x.item() for name, x in logged.items()},
                 "losses/explained_variance": explained_variance(values, returns),
                 "charts/skipped_updates": skipped,
                 "order/neg_log_prob": -buf["sigma_log_probs"].mean().item(),
@@ -852,13 +846,13 @@ def train(args):
             runs.log_iteration(writer, scalars, global_step, iteration, args, start_iteration, start_time, summary)
             last = iteration == args.num_iterations
             if args.checkpoint_interval and (iteration % args.checkpoint_interval == 0 or last) and not skipped_in_a_row:
-                writer.flush()  # the events up to this step are on disk before a checkpoint says the run got here
+                writer.flush()  # the events are on disk before a checkpoint says the run got here
                 state = checkpoints.checkpoint_state(agent, optimizer, value_norm, iteration, global_step, args, **sizes)
                 checkpoint_path = checkpoints.save_checkpoint(run_dir, state) or checkpoint_path
 
         if rank == 0 and args.save_model:
             save_model(run_dir, args, agent, value_norm, **sizes)
-    finally:  # also when the run stops with an error: no env process is left behind, the events are on disk
+    finally:  # also on an error: no env process is left behind
         for closable in [c for c in (envs, writer) if c is not None]:
             closable.close()
     distributed.finish_distributed(agent, rank, world_size)
@@ -886,15 +880,14 @@ def evaluate_policy(agent, envs, episodes, device):
 
 
 def save_model(run_dir, args, agent, value_norm, **sizes):
-    """--save-model: the trained weights, ValueNorm and the run's flags, in {run_dir}/{exp_name}.cleanrl_model
-    (load_agent rebuilds the agent from it; sizes: the network's input and output sizes)."""
+    """--save-model: weights, ValueNorm, flags and the network's sizes in {run_dir}/{exp_name}.cleanrl_model."""
     model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
     torch.save({"model": agent.state_dict(), "value_norm": value_norm.state_dict(), "args": vars(args), **sizes}, model_path)
     print(f"model saved to {model_path}")
 
 
 def load_agent(path, device="cpu"):
-    """Rebuild a trained agent from a `--save-model` checkpoint -> (agent, the run's args as a dict)."""
+    """A trained agent from a --save-model file or checkpoint -> (agent, the run's flags as a dict)."""
     checkpoint = torch.load(path, map_location=device, weights_only=True)  # tensors and plain values only
     a = checkpoint["args"]
     agent = PMAT(checkpoint["obs_dim"], checkpoint["n_actions"], a["order"], a["n_embd"], a["n_head"], a["n_block"])
