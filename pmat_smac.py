@@ -20,6 +20,7 @@ Run:  python pmat_smac.py --map MMM2 --cuda          (real game)
       python pmat_smac.py --map 10m_vs_11m --backend smax          (see --help for every flag)
 """
 
+import math
 import os
 import sys
 import time
@@ -83,6 +84,8 @@ class Args:
     """coefficient of the value loss"""
     rank_coef: float = 1e-4
     """coefficient of the ranking loss (eq. 16)"""
+    scale_free_ranking: bool = False
+    """if toggled, the scoring block gets its own Adam group with eps * rank_coef (docs/order_learning.md)"""
     max_grad_norm: float = 10.0
     """the maximum norm of the gradient"""
     huber_delta: float = 10.0
@@ -597,6 +600,21 @@ def compute_gae(rewards, values, dones, bootstrap, next_value, gamma, gae_lambda
     return advantages, advantages + values
 
 
+def order_logs(sigma, sigma_log_probs, log_weights):
+    """The order's logs over a rollout: how often each agent acts first; -log P(sigma), also over its uniform value
+    log N! (1: a uniform order; lower: a learned one); the mean spread max z - min z of the P-L log-weights (0: equal).
+    sigma (T, E, N), sigma_log_probs (T, E), log_weights (T*E, N)."""
+    N = sigma.shape[-1]
+    first = torch.bincount(sigma[..., 0].flatten(), minlength=N) / sigma[..., 0].numel()  # (N,)
+    neg_log_prob = -sigma_log_probs.mean().item()
+    return {
+        "order/neg_log_prob": neg_log_prob,
+        "order/neg_log_prob_over_uniform": neg_log_prob / math.lgamma(N + 1) if N > 1 else float("nan"),
+        "order/log_weight_spread": (log_weights.max(-1).values - log_weights.min(-1).values).mean().item(),
+        **{f"order/agent{i}_first": x for i, x in enumerate(first.tolist())},
+    }
+
+
 def explained_variance(values, returns):
     """1 - Var(returns - values) / Var(returns) over the rollout: the share of the returns the critic predicts."""
     y_true, y_pred = returns.flatten(), values.flatten()
@@ -664,6 +682,21 @@ def ppo_loss(agent, args, mb):
             "clipfrac": masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), active),
         }
     return loss, {name: value.detach() for name, value in logged.items()}
+
+
+def make_optimizer(agent, args):
+    """Adam over all weights, eps 1e-5 (MAT's). --scale-free-ranking: the scoring block, which only the ranking loss
+    (x rank_coef) trains, in a group of its own with eps * rank_coef. Adam's step lr * m / (sqrt(v) + eps) does not
+    change when gradient and eps share one scale, so the scorer then learns as from the unscaled ranking loss, while
+    the encoder still gets the rank_coef-scaled gradient (docs/order_learning.md)."""
+    if not (args.scale_free_ranking and agent.scorer is not None and args.rank_coef > 0):
+        return torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    scorer = {id(p) for p in agent.scorer.parameters()}
+    groups = [
+        {"params": [p for p in agent.parameters() if id(p) not in scorer]},
+        {"params": list(agent.scorer.parameters()), "eps": 1e-5 * args.rank_coef},
+    ]
+    return torch.optim.Adam(groups, lr=args.learning_rate, eps=1e-5, fused=True)
 
 
 def guarded_step(optimizer, agent, loss, max_grad_norm):
@@ -739,7 +772,7 @@ def train(args):
     agent = PMAT(obs_dim, n_actions, args.order, args.n_embd, args.n_head, args.n_block).to(device)
     sizes = {"obs_dim": obs_dim, "n_actions": n_actions, "backend": backend}  # saved with each checkpoint and model
     value_norm = ValueNorm().to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = make_optimizer(agent, args)
     act, loss_fn = compile_functions(device, agent.act, ppo_loss) if args.compile else (agent.act, ppo_loss)
     if world_size > 1:
         distributed.broadcast_parameters(agent)  # torchrun: every rank starts from rank 0's weights
@@ -788,6 +821,7 @@ def train(args):
                     buf["rewards"], values, buf["dones"], buf["bootstrap"], next_value, args.gamma, args.gae_lambda
                 )
                 value_norm.update(returns)
+                log_weights = agent.order_log_weights(agent.encoder(buf["obs"].flatten(0, 1))[0])  # for order_logs
             # one sample = one step of one env, all agents: (T, E, ...) -> (T * E, ...)
             keys = ("obs", "avail", "actions", "sigma", "log_probs", "sigma_log_probs", "values", "active")
             batch = {key: buf[key].flatten(0, 1) for key in keys}
@@ -814,7 +848,6 @@ def train(args):
             # 4. Logging, evaluation and checkpoints: rank 0 alone (torchrun)
             if rank != 0:
                 continue
-            first_counts = torch.bincount(buf["sigma"][:, :, 0].flatten(), minlength=N)  # (N,) how often each acts first
             scalars = {
                 "charts/learning_rate": optimizer.param_groups[0]["lr"],
                 "charts/SPS": int((global_step - start_step) / (time.time() - start_time)),
@@ -823,8 +856,7 @@ def train(args):
                 **{f"losses/{name}": x.item() for name, x in logged.items()},
                 "losses/explained_variance": explained_variance(values, returns),
                 "charts/skipped_updates": skipped,
-                "order/neg_log_prob": -buf["sigma_log_probs"].mean().item(),
-                **{f"order/agent{i}_first": x for i, x in enumerate((first_counts / (T * E)).tolist())},
+                **order_logs(buf["sigma"], buf["sigma_log_probs"], log_weights),
             }
             if backend == "sc2":
                 scalars["charts/sc2_restarts"] = envs.restarts
@@ -905,7 +937,18 @@ def evaluate(agent, envs, args, backend, device, run_dir, global_step, writer):
 
 
 # The flags that define a run (env, order, network, seed): --resume and --eval-only refuse other values for them
-FIXED_FLAGS = ("map", "obs_last_action", "obs_agent_id", "smax_max_steps", "order", "n_block", "n_embd", "n_head", "seed")
+FIXED_FLAGS = (
+    "map",
+    "obs_last_action",
+    "obs_agent_id",
+    "smax_max_steps",
+    "order",
+    "scale_free_ranking",
+    "n_block",
+    "n_embd",
+    "n_head",
+    "seed",
+)
 
 
 def record_video(agent, envs, args, backend, device, run_dir, global_step, writer):
