@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_check.sh --cpu     # the same steps on the CPU: checks this script itself (CI, no GPU)
 #   options: --quick  one --compile run instead of three, short timings (tests/test_gpu_check.py uses it)
 #            --only ID[,ID...]  just these steps (resume-mamujoco and load-mamujoco need train-mamujoco's run)
+#   PYTHON=/path/to/python: the interpreter every step runs (default: `python` on the PATH, else `python3`)
 #
 # Steps (ID: what it runs; "--cuda" is left out with --cpu):
 #   train-mamujoco    pmat_mamujoco.py --cuda, Ant 4x2: 2 iterations, an evaluation, checkpoints, --save-model

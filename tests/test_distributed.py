@@ -63,7 +63,7 @@ def test_each_script_runs_under_torchrun(script, tmp_path, request):
     """2 ranks: exit 0, one event file (rank 0 alone logs), the step counter counts both ranks' env steps, and the
     ranks' weights are identical at the end (the script checks it with a broadcast and reports)."""
     if script == "pmat_grf.py":
-        request.getfixturevalue("grf")  # the real engine: skipped without gfootball, a failure under CI=true
+        request.getfixturevalue("grf")  # the real engine: skipped without gfootball, a failure with PMAT_REQUIRE_OPTIONAL=1
     run_dir = tmp_path / "run"
     result = torchrun(script, *TINY[script], "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

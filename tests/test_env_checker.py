@@ -15,7 +15,7 @@ better bounds). check_env compares the observations of two resets with the same 
 (`env.spec`), which these are not, so `assert_seeded_episodes_repeat` checks that, over a few steps, itself.
 
 The GRF tests need gfootball (`bash scripts/install_grf.sh`). Without it they are skipped with that instruction,
-except under CI (CI=true), where a missing gfootball is a failure: CI must test the real engine.
+except with PMAT_REQUIRE_OPTIONAL=1 (.ci/run), where a missing gfootball is a failure: CI must test the real engine.
 """
 
 import inspect

@@ -2,7 +2,8 @@
 engine. The reference runs' features, masks and reward on hand-built observations: tests/test_grf_features.py.
 
 The engine tests need gfootball (`bash scripts/install_grf.sh`). Without it they are skipped with that
-instruction, except under CI (CI=true), where a missing gfootball is a failure: CI must test the real engine.
+instruction, except with PMAT_REQUIRE_OPTIONAL=1 (.ci/run), where a missing gfootball is a failure: CI must test the real
+engine.
 """
 
 import glob

@@ -1,6 +1,8 @@
 """The suite on a machine without the optional parts (Football, the StarCraft II libraries), as a newcomer has it
 after the README's set-up block: every test module still imports, the optional parts' tests are skipped with the
-command that installs them, and under CI=true a missing part fails instead.
+command that installs them, and with PMAT_REQUIRE_OPTIONAL=1 a missing part fails instead. The generic CI variable
+(which hosted CI services set to true for every job) changes nothing: the README's test command in a user's own CI
+skips, as on a laptop.
 
 The optional packages are hidden from a child pytest with a `sitecustomize` on PYTHONPATH that makes their import
 fail (as on a machine that never installed them), so this runs on a machine that has them too."""
@@ -10,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import OPTIONAL_PARTS, ROOT
+from conftest import OPTIONAL_PARTS, ROOT, require_optional
 
 HIDDEN = ("gfootball", "gfootball_engine", "smac", "pysc2", "s2clientprotocol")
 BLOCKER = f"""
@@ -26,13 +28,13 @@ sys.meta_path.insert(0, HideOptionalParts())
 """
 
 
-def child_pytest(tmp_path, *flags, hide=True, ci=False):
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTHONPATH")}
+def child_pytest(tmp_path, *flags, hide=True, **variables):
+    """pytest on tests/ in a fresh process, with CI, PMAT_REQUIRE_OPTIONAL and PYTHONPATH unset unless given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PMAT_REQUIRE_OPTIONAL", "PYTHONPATH")}
     if hide:
         (tmp_path / "sitecustomize.py").write_text(BLOCKER)
         env["PYTHONPATH"] = str(tmp_path)
-    if ci:
-        env["CI"] = "true"
+    env.update(variables)
     command = [sys.executable, "-m", "pytest", "tests", "-p", "no:cacheprovider", *flags]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -61,26 +63,53 @@ def test_every_module_collects_without_the_optional_parts(tmp_path):
     assert collected(hidden) == collected(visible) and len(collected(hidden)) > 100
 
 
-def test_optional_tests_are_skipped_with_the_install_command(tmp_path):
-    """Without the parts, every test marked grf or sc2 is skipped (none fails, none passes), and the skip reasons
-    name the README commands that install them."""
-    result = child_pytest(tmp_path, "-q", "-rs", "-m", "grf or sc2")
+def assert_all_skipped(result):
+    """The child pytest passed with every selected test skipped: none failed, none passed."""
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     summary = out.strip().splitlines()[-1]
     assert " skipped" in summary and "passed" not in summary and "failed" not in summary and "error" not in summary
-    skips = [line for line in out.splitlines() if line.startswith("SKIPPED")]
+
+
+def test_optional_tests_are_skipped_with_the_install_command(tmp_path):
+    """Without the parts, every test marked grf or sc2 is skipped (none fails, none passes), and the skip reasons
+    name the README commands that install them."""
+    result = child_pytest(tmp_path, "-q", "-rs", "-m", "grf or sc2")
+    assert_all_skipped(result)
+    skips = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
     for part in ("grf", "sc2"):  # (the render part is a system library: it cannot be hidden this way)
         command = OPTIONAL_PARTS[part][1]
         assert any(f"optional part {part!r} is not installed" in line and command in line for line in skips), part
 
 
+def test_ci_alone_still_skips_the_optional_tests(tmp_path):
+    """CI=true (set by hosted CI services for every job) without PMAT_REQUIRE_OPTIONAL: the README's test command in
+    a user's own CI skips the optional parts' tests as on a laptop, it does not fail them."""
+    assert_all_skipped(child_pytest(tmp_path, "-q", "-m", "grf or sc2", CI="true"))
+
+
 @pytest.mark.parametrize("part, test", [("sc2", "test_sc2.py::test_smac_map_list_is_smac_v1s"), ("grf", "test_grf.py")])
-def test_a_missing_part_fails_under_ci(tmp_path, part, test):
-    """.ci/run installs every part before it runs their tests: there a missing part is an error, not a skip."""
-    result = child_pytest(tmp_path, "-q", "-m", part, "-x", f"tests/{test}", ci=True)
+def test_a_missing_part_fails_when_required(tmp_path, part, test):
+    """.ci/run installs every part before it runs their tests, with PMAT_REQUIRE_OPTIONAL=1: there a missing part is
+    an error, not a skip."""
+    result = child_pytest(tmp_path, "-q", "-m", part, "-x", f"tests/{test}", PMAT_REQUIRE_OPTIONAL="1")
     assert result.returncode == 1, result.stdout[-3000:]
-    assert f"CI=true and optional part {part!r} is not installed" in result.stdout
+    assert f"PMAT_REQUIRE_OPTIONAL is set and optional part {part!r} is not installed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "value, required",
+    [(None, False), ("", False), ("0", False), ("false", False), ("no", False)]
+    + [("1", True), ("true", True), ("TRUE", True), ("Yes", True), (" yes ", True)],
+)
+def test_require_optional_reads_pmat_require_optional_only(monkeypatch, value, required):
+    """1, true, yes in any case switch it on; anything else, or unset, leaves it off; CI does not count."""
+    monkeypatch.setenv("CI", "true")
+    if value is None:
+        monkeypatch.delenv("PMAT_REQUIRE_OPTIONAL", raising=False)
+    else:
+        monkeypatch.setenv("PMAT_REQUIRE_OPTIONAL", value)
+    assert require_optional() is required
 
 
 def test_ci_runs_the_readme_blocks_as_written():

@@ -22,7 +22,8 @@ from conftest import ROOT, read_scalars, run_script
 import pmat_utils.sc2 as sc2_utils
 
 # Every test here needs SMAC v1, pysc2 and s2clientprotocol: skipped without them (with the command that installs
-# them), a failure under CI=true (conftest.require). fake_sc2 imports s2clientprotocol, so it is imported only inside.
+# them), a failure with PMAT_REQUIRE_OPTIONAL=1 (conftest.require). fake_sc2 imports s2clientprotocol, so it is
+# imported only inside.
 pytestmark = pytest.mark.usefixtures("sc2")
 
 

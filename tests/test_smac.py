@@ -277,7 +277,7 @@ def design_table_column(column):
     """{row name: value} of one column of the project's design notes (../shared/DESIGN.md next to this repository,
     section 2, "Hyper-parameters of the reference runs"), parsed from its markdown table; "10M" reads as 1e7."""
     if not os.path.exists(DESIGN_MD):
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"the project's design notes are not at {DESIGN_MD}")
+        (pytest.fail if conftest.require_optional() else pytest.skip)(f"the project's design notes are not at {DESIGN_MD}")
     lines = [line for line in open(DESIGN_MD).read().split("## 2.")[1].splitlines() if line.startswith("|")]
     index = [cell.strip() for cell in lines[0].split("|")].index(column)
     values = {}
@@ -503,7 +503,7 @@ def test_compiled_policy_and_loss_equal_eager():
     import shutil
 
     if not shutil.which("g++"):  # .ci/run installs it (build-essential, with gfootball's packages)
-        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)("torch.compile on the CPU needs a C++ compiler")
+        (pytest.fail if conftest.require_optional() else pytest.skip)("torch.compile on the CPU needs a C++ compiler")
     agent = perturbed_agent("pmat")
     flat = ps.flatten_parameters(agent)
     torch.manual_seed(8)

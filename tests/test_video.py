@@ -1,6 +1,6 @@
 """--capture-video and --eval-only (README, Videos): the drawing, the MP4s of SMAX and MuJoCo, and that nothing is
 built without the flag. The MuJoCo films need headless EGL rendering (conftest's `render` fixture: skipped where it
-fails, a failure under CI=true)."""
+fails, a failure with PMAT_REQUIRE_OPTIONAL=1)."""
 
 import os
 import subprocess

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.sc2
 
 @pytest.fixture()
 def fake_game(sc2, tmp_path, monkeypatch):
-    """conftest's sc2 fixture (skip without SMAC v1, a failure under CI=true), then a fake StarCraft II as SC2PATH."""
+    """conftest's sc2 fixture (skip without SMAC v1, a failure with PMAT_REQUIRE_OPTIONAL=1), then a fake StarCraft II
+    as SC2PATH."""
     import fake_sc2
 
     monkeypatch.setenv("SC2PATH", fake_sc2.make_sc2path(str(tmp_path / "StarCraftII"), maps=("3m",)))
