@@ -333,22 +333,11 @@ def team_sizes(env_name):
 
 
 class FootballEnv(gym.Env):
-    """One gfootball game as a gymnasium env in which one step moves all N controlled players.
-
-    obs (N, D) float32: representation "reference" (the paper's runs'): reference_features of gfootball's raw
-    observation, D = reference_obs_dim of the scenario; "simple115v2" or "simple115": gfootball's, D = 115.
-    info["avail"] (N, 19) bool: the available actions for obs (at reset and after every step): the reference runs'
-    rules (available_actions) with the reference representation, else all 19. action (N,) ints in [0, 19).
-    reward, shared by all agents: rewards "reference": reference_reward (the same for every player); gfootball's
-    "scoring" or "scoring,checkpoints": the team reward, the sum of the N players' rewards (the checkpoint reward
-    goes only to the player who carries the ball). info["score_reward"]: goals scored minus goals conceded at this
-    step (-1, 0 or 1), whatever the training reward: the paper's episode score is its sum.
-    gfootball signals every episode end with one `done` (goal, ball out, lost ball, time limit); the raw
-    observation's steps_left tells the time limit apart: then the episode is truncated (GAE bootstraps), else
-    terminated.
-    The engine is built at the first reset and rebuilt when reset gets a seed (its random stream cannot be
-    re-seeded in place): gymnasium's vector env builds a throw-away copy only to read the spaces.
-    """
+    """One gfootball game as a gymnasium env; one step moves all N controlled players. obs (N, D) float32 (reference
+    features, or gfootball's simple115); info["avail"] (N, 19) bool, the available actions; action (N,) ints; the
+    shared reward (reference_reward, or the sum of gfootball's per-player rewards); info["score_reward"]: goals for
+    minus against at this step, whatever the training reward. The 400-step limit is a truncation (GAE bootstraps),
+    every other end a termination. The engine is built at the first reset and rebuilt when reset gets a seed."""
 
     def __init__(self, env_name, num_agents, representation="reference", rewards="reference"):
         self.env_name, self.num_agents = env_name, num_agents
@@ -602,8 +591,8 @@ class ScoringBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Discrete actions: input at position k is the one-hot of the action of position k-1, one column wider than the
-    action space, with a start token (column 0) at k = 0; output is the action logits of position k's agent."""
+    """Input at position k: the one-hot of the action of position k-1 in A+1 columns (column 0: the start token at
+    k = 0); output: the action logits of agent sigma(k)."""
 
     def __init__(self, n_actions, n_embd, n_head, n_block):
         super().__init__()
@@ -662,9 +651,9 @@ class PMAT(nn.Module):
         return plackett_luce_log_prob(self.order_log_weights(rep), sigma)
 
     def act(self, obs, avail, deterministic=False):
-        """Rollout. obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N) and values
-        (B, N) in agent order, the decision order sigma (B, N) and its log-prob (B,)."""
-        with torch.inference_mode():  # speed: like no_grad, but cheaper per op (the rollout is bound by per-op overhead)
+        """Rollout: obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N), values (B, N) in
+        agent order, the decision order sigma (B, N) and log P(sigma) (B,)."""
+        with torch.inference_mode():  # like no_grad, cheaper per op
             rep, value = self.encoder(obs)
             sigma, sigma_log_prob = self.decision_order(rep, deterministic)
             rep_sigma = gather_agents(rep, sigma)  # (B, N, C), reordered: position k holds agent sigma(k)
@@ -691,10 +680,8 @@ class PMAT(nn.Module):
         return tuple(x.clone() for x in outputs)  # inference tensors -> ordinary ones (autograd refuses the former)
 
     def evaluate_actions(self, obs, actions, sigma, avail=None):
-        """Training pass: one teacher-forced decoder call over the stored actions, in the STORED order sigma, so each
-        agent's log-prob is conditioned on the same predecessors as in the rollout (paper eq. 6).
-        obs (B, N, obs_dim), actions (B, N) long, sigma (B, N), avail (B, N, A) bool (required here) -> log-probs
-        (B, N), entropy (B, N), values (B, N), log P(sigma) (B,)."""
+        """Training pass: one teacher-forced decoder call in the STORED order sigma, so each log-prob is conditioned on
+        the same predecessors as in the rollout (eq. 6) -> log-probs, entropy, values (B, N), log P(sigma) (B,)."""
         rep, value = self.encoder(obs)
         actions_sigma = gather_agents(actions, sigma)  # (B, N), in decision order
         one_hot = F.one_hot(actions_sigma, self.n_actions + 1).roll(1, dims=-1).float()  # action a -> column a + 1

@@ -425,8 +425,8 @@ class ScoringBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Discrete actions: input at position k is the one-hot of the action of position k-1, one column wider than the
-    action space, with a start token (column 0) at k = 0; output is the action logits of position k's agent."""
+    """Input at position k: the one-hot of the action of position k-1 in A+1 columns (column 0: the start token at
+    k = 0); output: the action logits of agent sigma(k)."""
 
     def __init__(self, n_actions, n_embd, n_head, n_block):
         super().__init__()
@@ -492,9 +492,9 @@ class PMAT(nn.Module):
         return plackett_luce_log_prob(self.order_log_weights(rep), sigma)
 
     def act(self, obs, avail, deterministic=False):
-        """Rollout. obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N) and values
-        (B, N) in agent order, the decision order sigma (B, N) and its log-prob (B,)."""
-        with torch.inference_mode():  # speed: like no_grad, but cheaper per op (the rollout is bound by per-op overhead)
+        """Rollout: obs (B, N, obs_dim), avail (B, N, A) bool -> actions (B, N) long, log-probs (B, N), values (B, N) in
+        agent order, the decision order sigma (B, N) and log P(sigma) (B,)."""
+        with torch.inference_mode():  # like no_grad, cheaper per op
             rep, value = self.encoder(obs)
             sigma, sigma_log_prob = self.decision_order(rep, deterministic)
             rep_sigma = gather_agents(rep, sigma)  # (B, N, C), reordered: position k holds agent sigma(k)
@@ -521,10 +521,8 @@ class PMAT(nn.Module):
         return tuple(x.clone() for x in outputs)  # inference tensors -> ordinary ones (autograd refuses the former)
 
     def evaluate_actions(self, obs, actions, sigma, avail=None):
-        """Training pass: one teacher-forced decoder call over the stored actions, in the STORED order sigma, so each
-        agent's log-prob is conditioned on the same predecessors as in the rollout (paper eq. 6).
-        obs (B, N, obs_dim), actions (B, N) long, sigma (B, N), avail (B, N, A) bool (required here) -> log-probs
-        (B, N), entropy (B, N), values (B, N), log P(sigma) (B,)."""
+        """Training pass: one teacher-forced decoder call in the STORED order sigma, so each log-prob is conditioned on
+        the same predecessors as in the rollout (eq. 6) -> log-probs, entropy, values (B, N), log P(sigma) (B,)."""
         rep, value = self.encoder(obs)
         actions_sigma = gather_agents(actions, sigma)  # (B, N), in decision order
         one_hot = F.one_hot(actions_sigma, self.n_actions + 1).roll(1, dims=-1).float()  # action a -> column a + 1
