@@ -293,12 +293,15 @@ class Attention(nn.Module):
         self.key_value = layer_init(nn.Linear(n_embd, 2 * n_embd))  # keys and values in one matmul
         self.proj = layer_init(nn.Linear(n_embd, n_embd))
 
-    def forward(self, query, key_value):  # (B, L, C) the attending positions, (B, L, C) the attended ones
+    def forward(self, query, key_value, cache=None):  # (B, L, C) the attending positions, (B, L, C) the attended ones
         B, L, C = query.shape
         H = self.n_head
+        kv = self.key_value(key_value)  # (B, L, 2C), keys and values
+        if cache is not None:  # decoding the next position alone (L = 1): it attends to all positions so far
+            kv = cache[self] = kv if self not in cache else torch.cat([cache[self], kv], 1)  # (B, S, 2C)
         q = self.query(query).view(B, L, H, C // H).transpose(1, 2)  # (B, H, L, C/H)
-        k, v = self.key_value(key_value).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, C/H)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, C/H)
+        k, v = kv.view(B, -1, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and cache is None)  # (B, H, L, C/H)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))  # (B, L, C)
 
 
@@ -330,9 +333,9 @@ class DecodeBlock(nn.Module):
         self.mlp = mlp(n_embd)
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
 
-    def forward(self, x, rep):  # (B, L, C) action embeddings, (B, L, C) observation encodings, both in decision order
-        x = self.ln1(x + self.attn1(x, x))  # the actions of the positions before k
-        x = self.ln2(rep + self.attn2(rep, x))  # position k's observation encoding looks at them
+    def forward(self, x, rep, cache=None):  # (B, L, C) action embeddings, (B, L, C) encodings, in decision order
+        x = self.ln1(x + self.attn1(x, x, cache))  # the actions of the positions before k
+        x = self.ln2(rep + self.attn2(rep, x, cache))  # position k's observation encoding looks at them
         return self.ln3(x + self.mlp(x))
 
 
@@ -393,10 +396,10 @@ class Decoder(nn.Module):
         )
         self.std_logit = nn.Parameter(torch.ones(act_dim) if per_agent_std is None else torch.ones(per_agent_std, act_dim))
 
-    def forward(self, prev_action, rep):  # (B, L, A) shifted actions, (B, L, C) encodings, in decision order
+    def forward(self, prev_action, rep, cache=None):  # (B, L, A) shifted actions, (B, L, C) encodings; cache: Attention
         x = self.ln(self.action_encoder(prev_action))  # (B, L, C)
         for block in self.blocks:
-            x = block(x, rep)
+            x = block(x, rep, cache)
         return self.head(x)  # (B, L, A) action means
 
     def std(self):
@@ -466,18 +469,18 @@ class PMAT(nn.Module):
             std, mask = self.decoder.std(), self.action_mask  # (A,) and None: every agent has all A dimensions
             if mask is not None:  # agents of different sizes: (N, A) -> (B, N, A), in decision order
                 std, mask = std[sigma], mask[sigma]
-            # Auto-regressive decoding (eq. 6): position k runs the decoder on positions 0..k, whose inputs are the
-            # actions drawn so far; the causal mask makes its output the same as in the one training pass
-            prev_action = torch.zeros(B, N, self.act_dim, device=obs.device)  # (B, N, A), shifted right: 0 at k = 0
-            mean, action = torch.zeros_like(prev_action), torch.zeros_like(prev_action)  # (B, N, A), decision order
+            # Auto-regressive decoding (eq. 6): the decoder runs position k alone on the action drawn at k - 1; the keys
+            # and values of positions < k wait in `cache`, so k sees what the causal mask shows it in the training pass
+            cache, prev_action = {}, torch.zeros(B, 1, self.act_dim, device=obs.device)  # (B, 1, A): 0 at k = 0
+            mean = torch.zeros(B, N, self.act_dim, device=obs.device)  # (B, N, A), in decision order
+            action = torch.zeros_like(mean)
             for k in range(N):
-                mean[:, k] = self.decoder(prev_action[:, : k + 1], rep_sigma[:, : k + 1])[:, k]
+                mean[:, k] = self.decoder(prev_action, rep_sigma[:, k : k + 1], cache)[:, 0]
                 noise = 0.0 if deterministic else (std if mask is None else std[:, k]) * torch.randn_like(mean[:, k])
                 action[:, k] = mean[:, k] + noise
                 if mask is not None:  # the padded dimensions of agent sigma(k) are 0, stored and seen by sigma(k+1)
                     action[:, k] = torch.where(mask[:, k], action[:, k], 0.0)
-                if k + 1 < N:
-                    prev_action[:, k + 1] = action[:, k]  # agent sigma(k+1) sees it
+                prev_action = action[:, k : k + 1]  # agent sigma(k+1) sees it
             log_prob = gaussian_log_prob(action, mean, std, mask)  # (B, N)
             inverse = torch.argsort(sigma, dim=1)  # inverse[b, i] = position of agent i in the order
             outputs = gather_agents(action, inverse), gather_agents(log_prob, inverse), value, sigma, sigma_log_prob

@@ -341,12 +341,15 @@ class Attention(nn.Module):
         self.key_value = layer_init(nn.Linear(n_embd, 2 * n_embd))  # keys and values in one matmul
         self.proj = layer_init(nn.Linear(n_embd, n_embd))
 
-    def forward(self, query, key_value):  # (B, L, C) the attending positions, (B, L, C) the attended ones
+    def forward(self, query, key_value, cache=None):  # (B, L, C) the attending positions, (B, L, C) the attended ones
         B, L, C = query.shape
         H = self.n_head
+        kv = self.key_value(key_value)  # (B, L, 2C), keys and values
+        if cache is not None:  # decoding the next position alone (L = 1): it attends to all positions so far
+            kv = cache[self] = kv if self not in cache else torch.cat([cache[self], kv], 1)  # (B, S, 2C)
         q = self.query(query).view(B, L, H, C // H).transpose(1, 2)  # (B, H, L, C/H)
-        k, v = self.key_value(key_value).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, C/H)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, C/H)
+        k, v = kv.view(B, -1, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and cache is None)  # (B, H, L, C/H)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))  # (B, L, C)
 
 
@@ -378,9 +381,9 @@ class DecodeBlock(nn.Module):
         self.mlp = mlp(n_embd)
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
 
-    def forward(self, x, rep):  # (B, L, C) action embeddings, (B, L, C) observation encodings, both in decision order
-        x = self.ln1(x + self.attn1(x, x))  # the actions of the positions before k
-        x = self.ln2(rep + self.attn2(rep, x))  # position k's observation encoding looks at them
+    def forward(self, x, rep, cache=None):  # (B, L, C) action embeddings, (B, L, C) encodings, in decision order
+        x = self.ln1(x + self.attn1(x, x, cache))  # the actions of the positions before k
+        x = self.ln2(rep + self.attn2(rep, x, cache))  # position k's observation encoding looks at them
         return self.ln3(x + self.mlp(x))
 
 
@@ -440,10 +443,12 @@ class Decoder(nn.Module):
             layer_init(nn.Linear(n_embd, n_actions)),
         )
 
-    def forward(self, prev_action, rep):  # (B, L, A+1) shifted one-hot actions, (B, L, C) encodings, in decision order
+    def forward(
+        self, prev_action, rep, cache=None
+    ):  # (B, L, A+1) shifted one-hot actions, (B, L, C) encodings; cache: Attention
         x = self.ln(self.action_encoder(prev_action))  # (B, L, C)
         for block in self.blocks:
-            x = block(x, rep)
+            x = block(x, rep, cache)
         return self.head(x)  # (B, L, A) action logits
 
 
@@ -500,22 +505,21 @@ class PMAT(nn.Module):
             rep_sigma = gather_agents(rep, sigma)  # (B, N, C), reordered: position k holds agent sigma(k)
             avail_sigma = gather_agents(avail, sigma)  # (B, N, A), the masks in the same order
             B, N, _ = rep.shape
-            # Auto-regressive decoding (eq. 6): position k runs the decoder on positions 0..k, whose inputs are the
-            # actions drawn so far; the causal mask makes its output the same as in the one training pass
-            prev_action = torch.zeros(B, N, self.n_actions + 1, device=obs.device)  # (B, N, A+1) one-hot, shifted right
-            prev_action[:, 0, 0] = 1.0  # the start token at k = 0
+            # Auto-regressive decoding (eq. 6): the decoder runs position k alone on the action drawn at k - 1; the keys
+            # and values of positions < k wait in `cache`, so k sees what the causal mask shows it in the training pass
+            start = torch.zeros(B, 1, dtype=torch.long, device=obs.device)
+            cache, prev_action = {}, F.one_hot(start, self.n_actions + 1).float()  # (B, 1, A+1): the start token at k = 0
             action = torch.zeros(B, N, dtype=torch.long, device=obs.device)  # (B, N), in decision order
             log_prob = torch.zeros(B, N, device=obs.device)  # (B, N), in decision order
             for k in range(N):
-                logits = self.decoder(prev_action[:, : k + 1], rep_sigma[:, : k + 1])[:, k]  # (B, A)
+                logits = self.decoder(prev_action, rep_sigma[:, k : k + 1], cache)[:, 0]  # (B, A)
                 log_p = masked_logits(logits, avail_sigma[:, k]).log_softmax(-1)  # the policy of agent sigma(k)
                 # Gumbel-max: argmax(log p + Gumbel noise) is an exact sample (the P-L sampler's trick with one pick).
                 # The mask is applied again after the noise: an infinite noise draw must not lift an unavailable action.
                 noisy = log_p if deterministic else log_p - torch.log(torch.empty_like(log_p).exponential_())
                 action[:, k] = noisy.masked_fill(~avail_sigma[:, k], -torch.inf).argmax(-1)
                 log_prob[:, k] = log_p.gather(1, action[:, k, None]).squeeze(1)
-                if k + 1 < N:  # action a -> column a + 1; agent sigma(k+1) sees it
-                    prev_action[:, k + 1] = F.one_hot(action[:, k] + 1, self.n_actions + 1).float()
+                prev_action = F.one_hot(action[:, k : k + 1] + 1, self.n_actions + 1).float()  # a -> column a + 1
             inverse = torch.argsort(sigma, dim=1)  # inverse[b, i] = position of agent i in the order
             outputs = gather_agents(action, inverse), gather_agents(log_prob, inverse), value, sigma, sigma_log_prob
         return tuple(x.clone() for x in outputs)  # inference tensors -> ordinary ones (autograd refuses the former)
