@@ -28,6 +28,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 import throughput  # noqa: E402
 
+from pmat_utils.distributed import ranks_in_step, setup_distributed  # noqa: E402
+
 # Synthetic sizes, those of each benchmark's reference runs (DESIGN: parallel envs, rollout length, mini-batches):
 # script -> (label, agents N, obs size, action size or count, envs E, samples per mini-batch)
 SIZES = {
@@ -39,7 +41,7 @@ SIZES = {
 
 def one_update(module, device, seed=0):
     """One PPO update (ValueNorm, advantages, 2 mini-batch steps) of a small agent on a seeded synthetic batch ->
-    the new flat weights. Collectives run when a process group is up (torchrun), else not."""
+    (the new weights laid end to end, the agent). Collectives run when a process group is up (torchrun), else not."""
     smac, masked = module.__name__ == "pmat_smac", module.__name__ != "pmat_mamujoco"  # SMAC and GRF mask actions
     torch.manual_seed(seed)
     n_agents, obs_dim, act = 3, 9, (6 if masked else 2)
@@ -47,8 +49,7 @@ def one_update(module, device, seed=0):
     with torch.no_grad():
         for p in agent.parameters():
             p.add_(0.2 * torch.randn_like(p))  # away from the near-zero init: every loss term has a gradient
-    flat_params = module.flatten_parameters(agent)
-    optimizer = torch.optim.Adam([flat_params], lr=1e-3, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5, fused=True)
     args = module.Args(order="pmat", rank_coef=0.5)
     value_norm = module.ValueNorm().to(device)
     B = 32
@@ -75,23 +76,23 @@ def one_update(module, device, seed=0):
         batch["active"] = active
     for mb_inds in torch.randperm(B, device=device).view(2, B // 2):
         loss, _ = module.ppo_loss(agent, args, {key: tensor[mb_inds] for key, tensor in batch.items()})
-        assert module.guarded_step(optimizer, flat_params, loss, args.max_grad_norm), "the update was skipped"
-    return flat_params.detach().clone(), module
+        assert module.guarded_step(optimizer, agent, loss, args.max_grad_norm), "the update was skipped"
+    return torch.cat([p.detach().reshape(-1) for p in agent.parameters()]), agent
 
 
 def collectives(cuda):
     """The device is the one setup_distributed gives this rank (cuda:LOCAL_RANK with --cuda)."""
-    _, world_size, device = importlib.import_module("pmat_mamujoco").setup_distributed(cuda)
+    _, world_size, device = setup_distributed(cuda)
     assert world_size == 1 and "LOCAL_RANK" in os.environ, "run this under torchrun --nproc_per_node 1"
     assert device.type == ("cuda" if cuda else "cpu"), f"asked for CUDA, but setup_distributed gave {device}"
     expected = {name: one_update(importlib.import_module(name), device)[0] for name in SIZES}  # no process group
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     for name in SIZES:
-        weights, module = one_update(importlib.import_module(name), device)
+        weights, agent = one_update(importlib.import_module(name), device)
         assert dist.is_initialized()
         torch.testing.assert_close(weights, expected[name], rtol=0, atol=1e-5)
-        assert module.ranks_in_step(weights) == 1
+        assert ranks_in_step(agent) == 1
         print(f"{name}: the update through {backend} equals the one without a process group", flush=True)
     dist.destroy_process_group()
     print(f"collectives ok ({backend}, {device})")

@@ -50,7 +50,8 @@ def steps_per_second(env, steps, seed, same_games):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    n_agents = pg.check_env_args(args.env_name, None)
+    pg.check_env_args(pg.Args(env_name=args.env_name))
+    n_agents = pg.PAPER_AGENTS[args.env_name]  # the script's default (check_env_args exits for a scenario without one)
     envs = {name: pg.FootballEnv(args.env_name, n_agents, *setting) for name, setting in SETTINGS.items()}
     best = {(name, same): 0.0 for same in (False, True) for name in envs}
     for seed in range(args.rounds):

@@ -72,10 +72,13 @@ def setup(args, module, scenario, conf, mask=True):
     extra = {"act_dims": envs.envs[0].act_dims} if module is pm and mask else {}  # mask=False: all have act_dim
     torch.manual_seed(0)
     agent = module.PMAT(obs_dim, act_dim, "pmat", **extra)
-    flat = module.flatten_parameters(agent)
-    optimizer = torch.optim.Adam([flat], lr=5e-5, eps=1e-5, fused=True)
+    if hasattr(module, "flatten_parameters"):  # the code before: Adam over one flat parameter, which guarded_step takes
+        stepped = module.flatten_parameters(agent)
+        optimizer = torch.optim.Adam([stepped], lr=5e-5, eps=1e-5, fused=True)
+    else:  # now: the usual Adam over the parameters; guarded_step takes the module
+        stepped, optimizer = agent, torch.optim.Adam(agent.parameters(), lr=5e-5, eps=1e-5, fused=True)
     obs = torch.as_tensor(envs.reset(seed=0)[0])
-    return {"module": module, "envs": envs, "agent": agent, "flat": flat, "optimizer": optimizer, "obs": obs}
+    return {"module": module, "envs": envs, "agent": agent, "stepped": stepped, "optimizer": optimizer, "obs": obs}
 
 
 def iteration(args, c):
@@ -105,7 +108,7 @@ def iteration(args, c):
         for start in range(0, n, mb_size):
             mb = {key: value[perm[start : start + mb_size]] for key, value in batch.items()}
             loss, _ = module.ppo_loss(agent, loss_args, mb)
-            module.guarded_step(c["optimizer"], c["flat"], loss, 0.5)
+            module.guarded_step(c["optimizer"], c["stepped"], loss, 0.5)
     return act_s, env_s, time.perf_counter() - t0
 
 

@@ -28,9 +28,9 @@ j = 1..N of the order:
     (v_i = 9 sigmoid(x_i) + 1), so the key holder is first with probability at most 10 / (10 + N - 1) = 0.77 for
     N = 4, and the sampled return is at most 0.949 (N = K = 4; best_returns computes it).
 
-The three variants train through the SAME code as the SMAC script: PMAT, ppo_loss, compute_gae, ValueNorm,
-flatten_parameters and guarded_step are imported from pmat_smac.py, with its discrete, masked decoder. Only the
-loop below (rollout, advantage normalisation, PPO epochs) is written here, as the script's main loop does it.
+The three variants train through the SAME code as the SMAC script: PMAT, ppo_loss, compute_gae, ValueNorm and
+guarded_step are imported from pmat_smac.py, with its discrete, masked decoder. Only the loop below (rollout,
+advantage normalisation, PPO epochs) is written here, as the script's main loop does it.
 
 The scoring block gets its gradient only from the ranking loss (eq. 15-16), so --rank-coef sets how fast the order
 can be learned: while the scorer's gradient is below Adam's eps (1e-5), Adam's step for it is damped by about
@@ -57,7 +57,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from pmat_smac import PMAT, ValueNorm, compute_gae, flatten_parameters, guarded_step, ppo_loss  # noqa: E402
+from pmat_smac import PMAT, ValueNorm, compute_gae, guarded_step, ppo_loss  # noqa: E402
 
 
 @dataclass
@@ -151,8 +151,7 @@ def train(args, order, rank_coef, seed):
     N, K, B = args.n_agents, args.n_actions, args.episodes_per_iteration
     agent = PMAT(N + 1, K, order)
     value_norm = ValueNorm()
-    flat_params = flatten_parameters(agent)
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     minibatch = B // args.num_minibatches
     scorer_params = list(agent.scorer.parameters()) if order == "pmat" else []  # MAT and rMAT have no scorer
     scorer_init = [p.detach().clone() for p in scorer_params]
@@ -194,7 +193,7 @@ def train(args, order, rank_coef, seed):
                     "values": value[mb],
                 }
                 loss, _ = ppo_loss(agent, run_args, mb_data)
-                guarded_step(optimizer, flat_params, loss, args.max_grad_norm)  # backward, clip, Adam step
+                guarded_step(optimizer, agent, loss, args.max_grad_norm)  # zero_grad, backward, clip, Adam step
 
         # 4. Curves: the mean of the last log_every rollouts
         if iteration % args.log_every == 0:

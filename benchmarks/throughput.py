@@ -67,7 +67,7 @@ class Runner:
         flags = config_flags(args) + ["--num-envs", str(args.num_envs)]
         self.script_args = tyro.cli(module.Args, args=flags)
         if self.bench == "mamujoco":
-            module.check_env_args(self.script_args.scenario, self.script_args.agent_conf)
+            module.check_env_args(self.script_args)
             self.envs = module.make_envs(self.script_args, args.num_envs, async_envs=args.num_envs > 1)
             self.obs, _ = self.envs.reset(seed=args.seed)
             self.n_agents, self.obs_dim = self.envs.single_observation_space.shape
@@ -168,12 +168,17 @@ def decoder_ms_per_step(
 
 
 def update_ms_per_minibatch(module, bench, n_agents, obs_dim, act_dim, minibatch, repeats=10, rounds=3, device="cpu"):
-    """Milliseconds per PPO mini-batch step as the scripts take it (ppo_loss, then guarded_step: backward, clip, fused
-    Adam over the flat parameters) on a synthetic mini-batch of `minibatch` samples from the policy's own rollout."""
+    """Milliseconds per PPO mini-batch step as the scripts take it (ppo_loss, then guarded_step: zero_grad, backward,
+    clip, fused Adam) on a synthetic mini-batch of `minibatch` samples from the policy's own rollout. `module` may also
+    be a script of an older revision (benchmarks/compare_revisions.py loads those), whose Adam ran over one flat
+    parameter (its flatten_parameters) and whose guarded_step took that parameter."""
     device = torch.device(device)
     agent = module.PMAT(obs_dim, act_dim, "pmat").to(device)
-    flat_params = module.flatten_parameters(agent)
-    optimizer = torch.optim.Adam([flat_params], lr=1e-6, eps=1e-5, fused=True)
+    if hasattr(module, "flatten_parameters"):  # revisions before the usual optimizer step
+        stepped = module.flatten_parameters(agent)
+        optimizer = torch.optim.Adam([stepped], lr=1e-6, eps=1e-5, fused=True)
+    else:
+        stepped, optimizer = agent, torch.optim.Adam(agent.parameters(), lr=1e-6, eps=1e-5, fused=True)
     args = module.Args(order="pmat")
     obs = torch.randn(minibatch, n_agents, obs_dim, device=device)
     avail = torch.ones(minibatch, n_agents, act_dim, dtype=torch.bool, device=device)
@@ -195,7 +200,7 @@ def update_ms_per_minibatch(module, bench, n_agents, obs_dim, act_dim, minibatch
 
     def step():
         loss, _ = module.ppo_loss(agent, args, mb)
-        module.guarded_step(optimizer, flat_params, loss, args.max_grad_norm)
+        module.guarded_step(optimizer, stepped, loss, args.max_grad_norm)
 
     return best_ms_per_call({"update": step}, repeats, rounds, device)["update"]
 
@@ -253,10 +258,10 @@ def main():
         "pmat": lambda: runner.policy_action(agents["pmat"].act),
         "mat": lambda: runner.policy_action(agents["mat"].act),
     }
-    if args.compile:  # as the scripts' --compile does; compiled here, before the timed rounds
-        compiled = {
-            order: torch.compile(agent.act, dynamic=False, options={"cpp_wrapper": True}) for order, agent in agents.items()
-        }
+    if args.compile:  # as the scripts' --compile does (pmat_utils.compile); compiled here, before the timed rounds
+        from pmat_utils.compile import compile_functions
+
+        compiled = dict(zip(agents, compile_functions(torch.device("cpu"), *(agent.act for agent in agents.values()))))
         choosers["pmat compiled"] = lambda: runner.policy_action(compiled["pmat"])
         choosers["mat compiled"] = lambda: runner.policy_action(compiled["mat"])
     rates = interleaved_rates(runner, choosers, args.steps, args.rounds)

@@ -51,6 +51,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     from conftest import perturbed_agent
 
+    from pmat_utils.runs import stream_seed
+
     if args.benchmark == "mamujoco":
         os.environ.setdefault("MUJOCO_GL", "egl")
         import pmat_mamujoco as m
@@ -61,7 +63,8 @@ if __name__ == "__main__":
         import pmat_grf as m
 
         script_args = m.Args(env_name=args.config, seed=args.seed)
-        script_args.num_agents = m.check_env_args(script_args.env_name, None, script_args.rewards)
+        m.check_env_args(script_args)
+        script_args.num_agents = m.PAPER_AGENTS[script_args.env_name]  # as train() sets it (a scenario of the paper)
     else:
         import pmat_smac as m
 
@@ -85,10 +88,12 @@ if __name__ == "__main__":
         own = m.make_envs(script_args, 1, async_envs=False)
 
         def step(action):
-            obs, _, terminated, truncated, _ = own.step(action)
-            return obs, None, terminated[0] or truncated[0]
+            obs, _, terminated, truncated, info = own.step(action)
+            return obs, info.get("avail"), terminated[0] or truncated[0]  # GRF's action masks; MuJoCo has none
 
-        steps = play(agent, step, own.reset(seed=script_args.seed + 20_000)[0])
+        seed = stream_seed(script_args.seed, "video", 0, 0, 0, 0)  # record_video's, for global step 0
+        obs, info = own.reset(seed=seed)
+        steps = play(agent, step, obs, info.get("avail"))
         own.close()
         return steps
 

@@ -62,17 +62,27 @@ def perturbed_agent(module, order, obs_dim, act_dim, seed=0):
     return agent
 
 
-def assert_compiled_loss_equals_eager(module, agent, flat, inputs):
+def flat_weights(module):
+    """All of module's weights as one detached vector (parameters() order)."""
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def flat_grad(module):
+    """All of module's gradients (each p.grad; zeros where a parameter has none) as one vector, parameters() order."""
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in module.parameters()])
+
+
+def assert_compiled_loss_equals_eager(module, agent, inputs):
     """module.ppo_loss eager and torch.compile'd on the same mini-batch dict `inputs`: the same loss, logged values
-    and gradient (in `flat`, from module.flatten_parameters)."""
+    and gradient (every parameter's, see flat_grad)."""
     args = module.Args(order="pmat")
     results = []
     for loss_fn in (module.ppo_loss, torch.compile(module.ppo_loss, dynamic=False)):
-        flat.grad.zero_()
+        agent.zero_grad()
         loss, logged = loss_fn(agent, args, inputs)
         loss.backward()
         assert list(logged) == ["policy_loss", "value_loss", "ranking_loss", "entropy", "approx_kl", "clipfrac"]
-        results.append((loss.detach(), torch.stack(list(logged.values())), flat.grad.clone()))
+        results.append((loss.detach(), torch.stack(list(logged.values())), flat_grad(agent).clone()))
     (loss_e, stats_e, grad_e), (loss_c, stats_c, grad_c) = results
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats_c, stats_e, rtol=1e-4, atol=1e-5)

@@ -3,8 +3,9 @@
     torchrun --standalone --nproc_per_node 2 tests/dist_update.py OUT.pt
 
 Every rank builds the same batch (64 samples, 4 agents, pmat_mamujoco's network) and the same shuffles, takes its
-share (rank r: samples r*32 ... r*32+31) and runs the update with the script's own pieces: setup_distributed,
-ValueNorm.update, normalize_advantages, ppo_loss and guarded_step (which averages the gradients over the ranks).
+share (rank r: samples r*32 ... r*32+31) and runs the update with the script's own pieces (and pmat_utils'
+setup_distributed): ValueNorm.update, normalize_advantages, ppo_loss and guarded_step (which averages the gradients
+over the ranks).
 Rank 0 saves the new weights and ValueNorm's statistics to OUT.pt. The test runs the same update in one process on
 the union of the ranks' mini-batches and compares.
 """
@@ -16,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pmat_mamujoco as pm  # noqa: E402
+from pmat_utils.distributed import setup_distributed  # noqa: E402
 
 BATCH, N_AGENTS, OBS_DIM, ACT_DIM, MINIBATCHES, EPOCHS, WORLD = 64, 4, 11, 2, 4, 2, 2
 
@@ -59,12 +61,11 @@ def minibatches(shuffles, ranks):
 
 def update(agent, batch, mb_indices):
     """The main loop's update: ValueNorm sees the returns, the advantages are normalised, then the PPO mini-batch
-    steps. Returns (new flat weights, ValueNorm's running mean and mean of squares)."""
+    steps. Returns (the new weights laid end to end, ValueNorm's running mean and mean of squares)."""
     args = pm.Args(order="pmat", rank_coef=0.5, learning_rate=1e-3)  # a visible ranking term, a visible step
     obs, action, order, log_prob, order_log_prob, value, returns, advantages = batch
     value_norm = pm.ValueNorm()
-    flat_params = pm.flatten_parameters(agent)
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     value_norm.update(returns)
     targets = value_norm.normalize(returns)
     advantages = pm.normalize_advantages(advantages)
@@ -80,13 +81,14 @@ def update(agent, batch, mb_indices):
             "values": value[mb],
         }
         loss, _ = pm.ppo_loss(agent, args, minibatch)
-        assert pm.guarded_step(optimizer, flat_params, loss, args.max_grad_norm)
-    return flat_params.detach().clone(), torch.stack([value_norm.running_mean, value_norm.running_mean_sq])
+        assert pm.guarded_step(optimizer, agent, loss, args.max_grad_norm)
+    weights = torch.cat([p.detach().reshape(-1) for p in agent.parameters()])
+    return weights, torch.stack([value_norm.running_mean, value_norm.running_mean_sq])
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    rank, world_size, _ = pm.setup_distributed(cuda=False)
+    rank, world_size, _ = setup_distributed(cuda=False)
     assert world_size == WORLD
     agent, batch, shuffles = make_batch()
     share = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)

@@ -9,17 +9,17 @@ test_a_tensor_made_without_a_device_is_caught shows that these tests fail on suc
 
 Covered on meta, per script and order mode: the network, act() (rollout and deterministic), the rollout buffers
 (rollout_buffers) filled as the training loop fills them, active_agents (SMAC), get_value, ValueNorm (update,
-normalize, denormalize), compute_gae, normalize_advantages, the mini-batch shuffle and gather, ppo_loss,
-flatten_parameters, guarded_step up to its one data-dependent decision (backward into the flat gradient, the
-gradient-norm clip, the isfinite check), and the Adam step (unfused: see below).
+normalize, denormalize), compute_gae, the P-L log-weights of the rollout (for order_logs), normalize_advantages, the
+mini-batch shuffle and gather, ppo_loss, guarded_step up to its one data-dependent decision (zero_grad, backward into
+each parameter's gradient, the gradient-norm clip, the isfinite check), and the Adam step (unfused: see below).
 
 Not covered here, because they touch data or cannot run on meta (benchmarks/gpu_check.sh runs them on a GPU):
   * the env steps and the host transfers around them (action.cpu().numpy(), torch.as_tensor(..., device=device));
   * every decision on a tensor's value: guarded_step's `if not torch.isfinite(...)` (the tests check that it is
     where guarded_step stops on meta), explained variance's `var_y == 0`, the logging's .item() calls;
-  * the training loop's two data-dependent writes: `first_counts += torch.bincount(sigma[:, 0], ...)` (bincount's
-    output size depends on the data; no meta kernel) and, MuJoCo and GRF, `bootstrap_buf[step, cut] = ...` for the
-    envs the time limit cut (a boolean-mask write);
+  * order_logs' `torch.bincount(sigma[..., 0], ...)` (bincount's output size depends on the data; no meta kernel)
+    and its .item() calls, and, MuJoCo and GRF, the write `buf["bootstrap"][step, cut] = ...` for the envs the time
+    limit cut (a boolean-mask write);
   * the fused Adam kernel the scripts use (Adam(fused=True) refuses meta tensors; the unfused Adam runs here, the
     same update), torch.compile, the NCCL/gloo collectives (no process group here), checkpoints and evaluate_policy.
 """
@@ -54,27 +54,23 @@ def act(module, agent, obs, avail, deterministic=False):
 
 
 def expected_buffers(name):
-    """(shape, dtype) of each rollout buffer, in rollout_buffers' order (the names of the training loop's variables)."""
+    """{key: (shape, dtype)} of each rollout buffer, in rollout_buffers' order (the keys of ppo_loss's mini-batch)."""
     A = ACT[name]
     f, long, bool_ = torch.float32, torch.long, torch.bool
-    action = [("action_buf", (T, E, N, A), f)] if name == "pmat_mamujoco" else [("action_buf", (T, E, N), long)]
-    common = [
-        ("log_prob_buf", (T, E, N), f),
-        ("value_buf", (T, E, N), f),
-        ("sigma_buf", (T, E, N), long),
-        ("sigma_log_prob_buf", (T, E), f),
-        ("reward_buf", (T, E), f),
-        ("done_buf", (T, E), f),
-    ]
-    if name == "pmat_smac":
-        return (
-            [("obs_buf", (T, E, N, OBS_DIM), f), ("avail_buf", (T, E, N, A), bool_)]
-            + action
-            + common
-            + [("no_bootstrap", (T, E, N), f), ("active_buf", (T, E, N), bool_)]
-        )
-    avail = [("avail_buf", (T, E, N, A), bool_)] if name == "pmat_grf" else []
-    return [("obs_buf", (T, E, N, OBS_DIM), f)] + avail + action + common + [("bootstrap_buf", (T, E, N), f)]
+    obs = {"obs": ((T, E, N, OBS_DIM), f)}
+    avail = {} if name == "pmat_mamujoco" else {"avail": ((T, E, N, A), bool_)}
+    actions = {"actions": ((T, E, N, A), f) if name == "pmat_mamujoco" else ((T, E, N), long)}
+    common = {
+        "log_probs": ((T, E, N), f),
+        "values": ((T, E, N), f),
+        "sigma": ((T, E, N), long),
+        "sigma_log_probs": ((T, E), f),
+        "rewards": ((T, E), f),
+        "dones": ((T, E), f),
+        "bootstrap": ((T, E, N), f),
+    }
+    active = {"active": ((T, E, N), bool_)} if name == "pmat_smac" else {}
+    return {**obs, **avail, **actions, **common, **active}
 
 
 def buffers_on(module, device):
@@ -82,24 +78,24 @@ def buffers_on(module, device):
 
 
 def rollout_on_meta(module, agent):
-    """The training loop's rollout (step 1) with meta observations in place of the envs' -> {buffer name: tensor}."""
-    buffers = dict(zip([n for n, _, _ in expected_buffers(module.__name__)], buffers_on(module, META)))
+    """The training loop's rollout (step 1) with meta observations in place of the envs' -> the buffers {key: tensor}."""
+    buf = buffers_on(module, META)
     smac, masked = module.__name__ == "pmat_smac", module.__name__ != "pmat_mamujoco"
     for step in range(T):
         obs = torch.randn(E, N, OBS_DIM, device=META)
         avail = torch.ones(E, N, ACT[module.__name__], dtype=torch.bool, device=META) if masked else None
-        buffers["obs_buf"][step] = obs
+        buf["obs"][step] = obs
         if masked:
-            buffers["avail_buf"][step] = avail
+            buf["avail"][step] = avail
         if smac:
-            buffers["active_buf"][step] = module.active_agents(avail, module.SmaxVecEnv.dead_action)
+            buf["active"][step] = module.active_agents(avail, module.SmaxVecEnv.dead_action)
         action, log_prob, value, sigma, sigma_log_prob = act(module, agent, obs, avail)
         assert on_meta(action, log_prob, value, sigma, sigma_log_prob)
-        buffers["action_buf"][step], buffers["log_prob_buf"][step], buffers["value_buf"][step] = action, log_prob, value
-        buffers["sigma_buf"][step], buffers["sigma_log_prob_buf"][step] = sigma, sigma_log_prob
-        buffers["reward_buf"][step] = torch.randn(E, device=META)  # torch.as_tensor(reward, device=device)
-        buffers["done_buf"][step] = torch.zeros(E, device=META)  # torch.as_tensor(done, device=device)
-    return buffers, torch.randn(E, N, OBS_DIM, device=META)  # and next_obs
+        buf["actions"][step], buf["log_probs"][step], buf["values"][step] = action, log_prob, value
+        buf["sigma"][step], buf["sigma_log_probs"][step] = sigma, sigma_log_prob
+        buf["rewards"][step] = torch.randn(E, device=META)  # torch.as_tensor(reward, device=device)
+        buf["dones"][step] = torch.zeros(E, device=META)  # torch.as_tensor(done, device=device)
+    return buf, torch.randn(E, N, OBS_DIM, device=META)  # and next_obs
 
 
 @pytest.mark.parametrize("order", ["pmat", "mat", "rmat"])
@@ -112,47 +108,41 @@ def test_the_training_loop_runs_on_meta(name, order):
     args = module.Args(order=order)
     agent = meta_agent(module, order)
     value_norm = module.ValueNorm().to(META)
-    flat_params = module.flatten_parameters(agent)
-    assert on_meta(flat_params, flat_params.grad, *agent.parameters(), *value_norm.buffers())
+    assert on_meta(*agent.parameters(), *value_norm.buffers())
 
     # The buffers: each on meta, with the shape and dtype the training loop writes into it
     made = buffers_on(module, META)
     spec = expected_buffers(name)
-    assert [(tuple(b.shape), b.dtype, b.device) for b in made] == [(shape, dtype, META) for _, shape, dtype in spec]
+    assert list(made) == list(spec)
+    assert [(tuple(b.shape), b.dtype, b.device) for b in made.values()] == [
+        (shape, dtype, META) for shape, dtype in spec.values()
+    ]
 
     # 1. Rollout, then evaluation's deterministic act
-    buffers, next_obs = rollout_on_meta(module, agent)
+    buf, next_obs = rollout_on_meta(module, agent)
     avail = torch.ones(E, N, ACT[name], dtype=torch.bool, device=META)
     assert on_meta(*act(module, agent, next_obs, avail, deterministic=True))
 
-    # 2. GAE on de-normalised values, ValueNorm update
+    # 2. GAE on de-normalised values, ValueNorm update, the P-L log-weights of the rollout (for order_logs)
     with torch.no_grad():
         next_value = value_norm.denormalize(agent.get_value(next_obs))
-        values = value_norm.denormalize(buffers["value_buf"])
-        bootstrap = buffers["no_bootstrap" if smac else "bootstrap_buf"]
+        values = value_norm.denormalize(buf["values"])
         advantages, returns = module.compute_gae(
-            buffers["reward_buf"], values, buffers["done_buf"], bootstrap, next_value, args.gamma, args.gae_lambda
+            buf["rewards"], values, buf["dones"], buf["bootstrap"], next_value, args.gamma, args.gae_lambda
         )
         value_norm.update(returns)
-    assert on_meta(next_value, values, advantages, returns, *value_norm.buffers())
-    assert advantages.shape == returns.shape == (T, E, N)
+        log_weights = agent.order_log_weights(agent.encoder(buf["obs"].flatten(0, 1))[0])
+    assert on_meta(next_value, values, advantages, returns, log_weights, *value_norm.buffers())
+    assert advantages.shape == returns.shape == (T, E, N) and log_weights.shape == (T * E, N)
 
-    # The flattened batch, as the training loop builds it
-    batch = {
-        "obs": buffers["obs_buf"].reshape(-1, N, OBS_DIM),
-        "actions": buffers["action_buf"].reshape(-1, N, *buffers["action_buf"].shape[3:]),  # (T*E, N, A) or (T*E, N)
-        "sigma": buffers["sigma_buf"].reshape(-1, N),
-        "log_probs": buffers["log_prob_buf"].reshape(-1, N),
-        "sigma_log_probs": buffers["sigma_log_prob_buf"].reshape(-1),
-        "values": buffers["value_buf"].reshape(-1, N),
-        "targets": value_norm.normalize(returns).reshape(-1, N),
-    }
-    if name != "pmat_mamujoco":
-        batch["avail"] = buffers["avail_buf"].reshape(-1, N, ACT[name])
-    if smac:
-        batch["active"] = buffers["active_buf"].reshape(-1, N)
-    batch["advantages"] = module.normalize_advantages(advantages.reshape(-1, N), batch.get("active"))
-    assert on_meta(*batch.values())
+    # The flattened batch, as the training loop builds it: one sample = one step of one env, (T, E, ...) -> (T * E, ...)
+    keys = ["obs", "actions", "sigma", "log_probs", "sigma_log_probs", "values"]
+    keys += [] if name == "pmat_mamujoco" else ["avail"]
+    keys += ["active"] if smac else []
+    batch = {key: buf[key].flatten(0, 1) for key in keys}
+    batch["targets"] = value_norm.normalize(returns).flatten(0, 1)
+    batch["advantages"] = module.normalize_advantages(advantages.flatten(0, 1), batch.get("active"))
+    assert on_meta(*batch.values()) and batch["actions"].shape[:2] == (T * E, N)
 
     # 3. One mini-batch: shuffle, gather, loss, then guarded_step and Adam
     mb_inds = torch.randperm(T * E, device=META)[: T * E // 2]
@@ -162,25 +152,26 @@ def test_the_training_loop_runs_on_meta(name, order):
     assert list(logged) == ["policy_loss", "value_loss", "ranking_loss", "entropy", "approx_kl", "clipfrac"]
 
     # The scripts' Adam(fused=True) refuses meta tensors (it accepts CPU and GPU tensors only); the unfused Adam is the
-    # same update. guarded_step runs backward, its flat-gradient check (trivial here: meta tensors have no data
-    # pointers) and the clip on meta, and stops at its one decision on a value, `if not torch.isfinite(...)` (a
-    # device sync on the GPU, no data on meta).
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=False)
+    # same update. guarded_step runs zero_grad, backward and the clip on meta, and stops at its one decision on a
+    # value, `if not torch.isfinite(...)` (a device sync on the GPU, no data on meta).
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=False)
     with pytest.raises(RuntimeError, match="cannot be called on meta tensors") as stopped:
-        module.guarded_step(optimizer, flat_params, loss, args.max_grad_norm)
+        module.guarded_step(optimizer, agent, loss, args.max_grad_norm)
     frames = [f for f in traceback.extract_tb(stopped.tb) if f.name == "guarded_step"]
     assert frames and "torch.isfinite" in frames[-1].line
-    assert on_meta(flat_params.grad)
+    grads = [p.grad for p in agent.parameters()]
+    assert all(g is not None for g in grads) and on_meta(*grads)  # every weight got its gradient, on meta
     optimizer.step()
-    state = optimizer.state[flat_params]
-    assert on_meta(flat_params, state["exp_avg"], state["exp_avg_sq"])
+    states = [optimizer.state[p] for p in agent.parameters()]
+    assert on_meta(*agent.parameters(), *(x for state in states for x in (state["exp_avg"], state["exp_avg_sq"])))
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_tensor_made_without_a_device_is_caught(name, monkeypatch):
-    """These tests fail on a tensor made without `device=`: three such mistakes, made on purpose (the decoder's
-    key/value caches; torch.zeros_like in compute_gae; torch.zeros in rollout_buffers and in rMAT's equal order
-    weights) each stop the meta run with the meta device's error. (A 0-dim CPU tensor, a scalar, mixes with meta
+    """These tests fail on a tensor made without `device=`: three such mistakes, made on purpose (torch.zeros in
+    PMAT.act, the decoder's inputs and outputs built position by position; torch.zeros_like in compute_gae;
+    torch.zeros in rollout_buffers and in rMAT's equal order weights) each stop the meta run with the meta device's
+    error. (A 0-dim CPU tensor, a scalar, mixes with meta
     tensors as it does with CUDA tensors: that is no mistake on the GPU either.)"""
     module = importlib.import_module(name)
     obs = torch.randn(E, N, OBS_DIM, device=META)
@@ -192,15 +183,11 @@ def test_a_tensor_made_without_a_device_is_caught(name, monkeypatch):
     assert on_meta(*act(module, agents["pmat"], obs, avail), *act(module, agents["rmat"], obs, avail), *gae())  # fine
     meta_error = pytest.raises((RuntimeError, NotImplementedError), match="meta")
 
-    def caches_on_the_cpu(decoder, batch, n_agents):
-        C = decoder.ln.normalized_shape[0]
-        return [[torch.zeros(batch, n_agents, 2 * C) for _ in range(2)] for _ in decoder.blocks]
-
-    with monkeypatch.context() as patch, meta_error:
-        patch.setattr(module, "new_caches", caches_on_the_cpu)
+    zeros, zeros_like = torch.zeros, torch.zeros_like
+    with monkeypatch.context() as patch, meta_error:  # PMAT's order makes no torch.zeros: act's own buffers fail
+        patch.setattr(torch, "zeros", lambda *shape, device=None, **kw: zeros(*shape, **kw))  # device= forgotten
         act(module, agents["pmat"], obs, avail)
 
-    zeros, zeros_like = torch.zeros, torch.zeros_like
     with monkeypatch.context() as patch, meta_error:
         patch.setattr(torch, "zeros_like", lambda x, **kw: zeros_like(x, **{**kw, "device": "cpu"}))
         gae()
@@ -219,8 +206,8 @@ def test_rollout_buffers_are_zeros_on_the_device(name):
     module = importlib.import_module(name)
     made = buffers_on(module, torch.device("cpu"))
     spec = expected_buffers(name)
-    assert len(made) == len(spec)
-    for buffer, (buffer_name, shape, dtype) in zip(made, spec):
+    assert list(made) == list(spec)
+    for (buffer_name, buffer), (shape, dtype) in zip(made.items(), spec.values()):
         assert (tuple(buffer.shape), buffer.dtype) == (shape, dtype), buffer_name
         assert not buffer.any(), buffer_name
 

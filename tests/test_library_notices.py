@@ -34,7 +34,7 @@ def test_mamujoco_import_and_env_creation_print_no_adroit_notice():
         pytest.skip("this gymnasium-robotics version prints no AdroitHand notice: nothing to silence")
     output = run_python(
         "import sys, pmat_mamujoco\n"
-        "pmat_mamujoco.check_env_args('Ant', '4x2')\n"
+        "pmat_mamujoco.check_env_args(pmat_mamujoco.Args(scenario='Ant', agent_conf='4x2'))\n"
         "env = pmat_mamujoco.make_mamujoco('Ant', '4x2', 1)\n"
         "env.reset(seed=0)\n"
         "print('stderr still works', file=sys.stderr)\n"  # stderr is restored after the import

@@ -19,6 +19,7 @@ import pmat_grf as pg
 import pmat_mamujoco as pm
 import pmat_smac as ps
 import pmat_utils.sc2 as sc2_utils
+from pmat_utils import checkpoints, runs
 
 MODULES = {"pmat_mamujoco.py": pm, "pmat_smac.py": ps, "pmat_grf.py": pg}
 # HalfCheetah 6x1, 2 sync envs x 50 steps = 100 env steps per iteration, 2 epochs x 2 mini-batches = 4 Adam steps
@@ -62,12 +63,19 @@ def assert_same_state(a, b):
         assert a[part].keys() == b[part].keys()
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), (part, name)
-    (sa,), (sb,) = a["optimizer"]["state"].values(), b["optimizer"]["state"].values()  # one flat parameter
-    for name in ("step", "exp_avg", "exp_avg_sq"):
-        assert torch.equal(sa[name], sb[name]), name
+    states_a, states_b = a["optimizer"]["state"], b["optimizer"]["state"]  # one entry per parameter
+    assert states_a.keys() == states_b.keys() and len(states_a) == len(a["model"])
+    for i in states_a:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(states_a[i][name], states_b[i][name]), (i, name)
     assert (a["iteration"], a["global_step"]) == (b["iteration"], b["global_step"])
     assert a["rng"]["python"] == b["rng"]["python"] and a["rng"]["numpy"] == b["rng"]["numpy"]
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def adam_steps(checkpoint):
+    """The step counts of Adam's state in a checkpoint, one per parameter: a set of one value (all take each step)."""
+    return {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
 
 
 def logged_steps(run_dir, tag="charts/SPS"):
@@ -109,11 +117,11 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS)
 def test_bad_flag_values_give_the_same_line_in_every_script(flags, message):
-    """check_args, in process, on each script's own Args: the same message from the three."""
+    """pmat_utils.runs.check_args, in process, on each script's own Args: the same message from the three."""
     for module in MODULES.values():
-        module.check_args(module.Args())  # the defaults pass
+        runs.check_args(module.Args())  # the defaults pass
         with pytest.raises(SystemExit) as exit_info:
-            module.check_args(module.Args(**flags))
+            runs.check_args(module.Args(**flags))
         assert exit_info.value.code == message
 
 
@@ -149,38 +157,38 @@ def test_checkpoint_writes_are_atomic_and_a_truncated_one_is_never_loaded(tmp_pa
     path, previous = tmp_path / "checkpoint.pt", tmp_path / "checkpoint_prev.pt"
     state = lambda i: {"model": {"w": torch.full((1000,), float(i))}, "optimizer": {}, "rng": {}, "iteration": i}  # noqa: E731
     for i in (1, 2):
-        assert pm.save_checkpoint(str(tmp_path), state(i)) == str(path)
+        assert checkpoints.save_checkpoint(str(tmp_path), state(i)) == str(path)
     assert load(path)["iteration"] == 2 and load(previous)["iteration"] == 1
     assert not (tmp_path / "checkpoint.pt.tmp").exists()
 
     with pytest.raises(Exception):  # a crash inside torch.save: an object that cannot be pickled
-        pm.save_checkpoint(str(tmp_path), {**state(3), "bad": lambda: None})
+        checkpoints.save_checkpoint(str(tmp_path), {**state(3), "bad": lambda: None})
     whole = path.read_bytes()
     (tmp_path / "checkpoint.pt.tmp").write_bytes(whole[: len(whole) // 2])  # and what SIGKILL mid-write leaves
-    checkpoint, loaded = pm.load_checkpoint(str(tmp_path))
+    checkpoint, loaded = checkpoints.load_checkpoint(str(tmp_path))
     assert loaded == str(path) and checkpoint["iteration"] == 2 and "warning" not in capsys.readouterr().out
 
     path.write_bytes(whole[: len(whole) // 2])  # the newest cut short (a disk that lost the end of it)
     for resume in (str(tmp_path), str(path)):
-        checkpoint, loaded = pm.load_checkpoint(resume)
+        checkpoint, loaded = checkpoints.load_checkpoint(resume)
         assert loaded == str(previous) and checkpoint["iteration"] == 1
         assert "is unreadable" in capsys.readouterr().out
     previous.write_bytes(b"")
     with pytest.raises(SystemExit, match=r"^error: --resume .*: no readable checkpoint \(.*unreadable.*unreadable"):
-        pm.load_checkpoint(str(tmp_path))
+        checkpoints.load_checkpoint(str(tmp_path))
     with pytest.raises(SystemExit, match="does not exist"):
-        pm.load_checkpoint(str(tmp_path / "nothing_here"))
+        checkpoints.load_checkpoint(str(tmp_path / "nothing_here"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The non-finite guard
 # ---------------------------------------------------------------------------------------------------------------
 def test_guarded_step_skips_non_finite_losses_and_gradients():
-    """A NaN loss, and a finite loss with an infinite gradient, leave the flat weights and Adam's state bit for bit as
+    """A NaN loss, and a finite loss with an infinite gradient, leave every weight and Adam's state bit for bit as
     they were; a finite one steps."""
     agent = conftest.perturbed_agent(pm, "pmat", 7, 3)
-    flat = pm.flatten_parameters(agent)
-    optimizer = torch.optim.Adam([flat], lr=1e-3, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5, fused=True)
+    first = next(agent.parameters())
     args = pm.Args(order="pmat")
     torch.manual_seed(3)
     obs = torch.randn(6, 4, 7)
@@ -199,19 +207,24 @@ def test_guarded_step_skips_non_finite_losses_and_gradients():
         }
         return pm.ppo_loss(agent, args, mb)[0]
 
-    assert pm.guarded_step(optimizer, flat, loss(torch.randn(6, 4)), 0.5)  # Adam has a state now
-    before = flat.detach().clone(), {k: v.clone() for k, v in optimizer.state[flat].items()}
+    def adam_state():  # {parameter: {step, exp_avg, exp_avg_sq}}, copied
+        return {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in agent.parameters()}
+
+    assert pm.guarded_step(optimizer, agent, loss(torch.randn(6, 4)), 0.5)  # Adam has a state now
+    before = conftest.flat_weights(agent).clone(), adam_state()
+    assert all(before[1][p] for p in agent.parameters())  # every parameter has one
     nan_advantages = torch.randn(6, 4)
     nan_advantages[2, 1] = float("nan")
-    kink = flat[0] - flat[0].detach()  # 0, but the gradient of its square root is infinite
+    kink = first.reshape(-1)[0] - first.reshape(-1)[0].detach()  # 0, but the gradient of its square root is infinite
     nan_loss, kinked_loss = loss(nan_advantages), loss(torch.randn(6, 4)) + kink.abs().sqrt()
     assert torch.isnan(nan_loss) and torch.isfinite(kinked_loss)  # the second is finite: only its gradient is not
     for bad in (nan_loss, kinked_loss):
-        assert not pm.guarded_step(optimizer, flat, bad, 0.5)
-        assert torch.equal(flat, before[0])
-        assert all(torch.equal(optimizer.state[flat][k], v) for k, v in before[1].items())
-    assert pm.guarded_step(optimizer, flat, loss(torch.randn(6, 4)), 0.5)
-    assert not torch.equal(flat, before[0]) and optimizer.state[flat]["step"] == before[1]["step"] + 1
+        assert not pm.guarded_step(optimizer, agent, bad, 0.5)
+        assert torch.equal(conftest.flat_weights(agent), before[0])
+        assert all(torch.equal(optimizer.state[p][k], v) for p, state in before[1].items() for k, v in state.items())
+    assert pm.guarded_step(optimizer, agent, loss(torch.randn(6, 4)), 0.5)
+    assert not torch.equal(conftest.flat_weights(agent), before[0])
+    assert all(optimizer.state[p]["step"] == state["step"] + 1 for p, state in before[1].items())
 
 
 def test_a_run_that_only_gets_non_finite_losses_stops_naming_the_last_good_checkpoint(tmp_path, one_iteration):
@@ -269,13 +282,12 @@ def test_sigkill_mid_training_then_resume(tmp_path):
 
     # the restore function main() calls gives back exactly the checkpoint's state
     agent = pm.PMAT(killed_at["obs_dim"], killed_at["act_dim"], "pmat")
-    flat = pm.flatten_parameters(agent)
-    optimizer = torch.optim.Adam([flat], lr=5e-5, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=5e-5, eps=1e-5, fused=True)
     value_norm = pm.ValueNorm()
-    pm.restore_checkpoint(killed_at, agent, optimizer, value_norm)
-    restored = pm.checkpoint_state(agent, optimizer, value_norm, k, killed_at["global_step"], pm.Args())
+    checkpoints.restore_checkpoint(killed_at, agent, optimizer, value_norm)
+    restored = checkpoints.checkpoint_state(agent, optimizer, value_norm, k, killed_at["global_step"], pm.Args())
     assert_same_state(restored, killed_at)
-    assert killed_at["optimizer"]["state"][0]["step"] == k * UPDATES
+    assert adam_steps(killed_at) == {k * UPDATES}
     loaded, saved_args = pm.load_agent(str(run_dir / "checkpoint.pt"))  # a checkpoint also loads as a trained agent
     assert saved_args["agent_conf"] == "6x1" and all(
         torch.equal(v, killed_at["model"][n]) for n, v in loaded.state_dict().items()
@@ -289,7 +301,7 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     ]
     final = load(run_dir / "checkpoint.pt")
     assert final["iteration"] == 6 and final["global_step"] == 6 * 2 * STEPS
-    assert final["optimizer"]["state"][0]["step"] == 6 * UPDATES  # continued from the restored Adam, not a new one
+    assert adam_steps(final) == {6 * UPDATES}  # continued from the restored Adam, not a new one
     value_norm = pm.ValueNorm()
     for _ in range(6):
         value_norm.update(torch.zeros(1))
@@ -324,7 +336,7 @@ def test_resume_is_deterministic_and_checks_its_flags(tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["pmat_mamujoco.py", "--resume", str(a), *argv])
         fixed = ("scenario", "agent_conf", "agent_obsk", "order", "n_block", "n_embd", "n_head", "seed")
         with pytest.raises(SystemExit) as exit_info:
-            pm.resume_args(pm.Args(resume=str(a)), fixed)
+            checkpoints.resume_args(pm.Args(resume=str(a)), fixed)
         return exit_info.value.code
 
     assert (
@@ -384,7 +396,7 @@ def test_smac_resume_on_smax(tmp_path):
     assert "resumed from" in result.stdout and "iter 2/2" in result.stdout and "iter 1/2" not in result.stdout
     assert logged_steps(run_dir) == [40, 80] and logged_steps(run_dir, "losses/policy_loss") == [40, 80]
     checkpoint = load(run_dir / "checkpoint.pt")
-    assert checkpoint["backend"] == "smax" and checkpoint["optimizer"]["state"][0]["step"] == 2
+    assert checkpoint["backend"] == "smax" and adam_steps(checkpoint) == {2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,16 +435,16 @@ def test_the_seeds_of_every_stream_are_distinct():
     seeds = []
     for start_step in (0, 4_000, 8_000):  # the fresh run and two resumes
         for rank in range(2):
-            seeds.append(pm.stream_seed(1, "process", rank, start_step=start_step))
+            seeds.append(runs.stream_seed(1, "process", rank, start_step=start_step))
             for e in range(4):
-                seeds.append(pm.stream_seed(1, "env", rank, e, 0, start_step))
-                seeds.append(pm.stream_seed(1, "eval_env", rank, e, 0, start_step))
-                seeds += [pm.stream_seed(1, "game", rank, e, restart, start_step) for restart in range(4)]
+                seeds.append(runs.stream_seed(1, "env", rank, e, 0, start_step))
+                seeds.append(runs.stream_seed(1, "eval_env", rank, e, 0, start_step))
+                seeds += [runs.stream_seed(1, "game", rank, e, restart, start_step) for restart in range(4)]
     assert len(seeds) == len(set(seeds)) == 3 * 2 * (1 + 4 * 6)
     assert all(0 <= s < 2**63 for s in seeds)  # JAX and torch take signed 64-bit seeds
     assert len({s % 2**32 for s in seeds}) == len(seeds)  # SC2 takes 32 bits: no collision here either
-    assert pm.stream_seed(1, "env", 1, 2) == ps.stream_seed(1, "env", 1, 2) == pg.stream_seed(1, "env", 1, 2)
-    assert pm.stream_seed(2, "env", 1, 2) != pm.stream_seed(1, "env", 1, 2)
+    assert not any(hasattr(module, "stream_seed") for module in MODULES.values())  # one scheme: the scripts use runs'
+    assert runs.stream_seed(2, "env", 1, 2) != runs.stream_seed(1, "env", 1, 2)
     old = lambda rank, env, restarts: 1 + 1_000_000 * rank + 1000 * env + 1_000_000 * restarts  # noqa: E731
     assert old(1, 0, 0) == old(0, 0, 1)  # the collision the scheme removes
 
@@ -456,7 +468,7 @@ def test_sc2_games_get_their_seeds_from_the_scheme(monkeypatch):
     env._start(0), env._start(1)
     env.restarts = 1
     env._start(0)
-    assert started == [ps.stream_seed(7, "game", 1, e, r, 500) % 2**32 for e, r in ((0, 0), (1, 0), (0, 1))]
+    assert started == [runs.stream_seed(7, "game", 1, e, r, 500) % 2**32 for e, r in ((0, 0), (1, 0), (0, 1))]
 
 
 def leftover_processes(marker):
@@ -492,7 +504,8 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, request, script,
     line = one_error_line(result, alone=False)
     reason = f"(Not a directory: {run_dir}); choose another --run-dir"
     assert line == f"error: the run folder {run_dir} cannot be created or written {reason}"
-    assert "logging to" not in result.stdout and leftover_processes(str(run_dir)) == []
+    assert str(run_dir) not in result.stdout  # the start line, which names the run folder, was never printed
+    assert leftover_processes(str(run_dir)) == []
 
 
 def test_an_ablation_folder_that_cannot_be_made_is_one_line(tmp_path):
@@ -510,12 +523,11 @@ def test_only_rank_0_takes_the_checkpoints_random_streams(one_iteration):
     it, restores the weights, Adam and ValueNorm but leaves this process's random streams as they were."""
     checkpoint = load(one_iteration / "checkpoint.pt")
     for restore_rng in (True, False):
-        pm.seed_process(pm.stream_seed(1, "process", rank=1, start_step=checkpoint["global_step"]))
+        runs.seed_process(runs.stream_seed(1, "process", rank=1, start_step=checkpoint["global_step"]))
         agent = pm.PMAT(checkpoint["obs_dim"], checkpoint["act_dim"])
-        flat = pm.flatten_parameters(agent)
-        optimizer = torch.optim.Adam([flat], lr=1e-3, eps=1e-5)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
         before = torch.get_rng_state()
-        pm.restore_checkpoint(checkpoint, agent, optimizer, pm.ValueNorm(), restore_rng=restore_rng)
+        checkpoints.restore_checkpoint(checkpoint, agent, optimizer, pm.ValueNorm(), restore_rng=restore_rng)
         assert torch.equal(torch.get_rng_state(), checkpoint["rng"]["torch"] if restore_rng else before)
         assert all(torch.equal(p, checkpoint["model"][k]) for k, p in agent.state_dict().items())
 

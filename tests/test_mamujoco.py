@@ -12,6 +12,7 @@ import torch
 from conftest import read_scalars, run_script
 
 import pmat_mamujoco as pm
+from pmat_utils.compile import check_compiler
 
 ORDERS = ["pmat", "mat", "rmat"]
 
@@ -37,20 +38,19 @@ def test_decoder_is_causal():
 
 @pytest.mark.parametrize("n_agents", [1, 4, 10])
 def test_cached_decoder_steps_equal_the_full_pass(n_agents):
-    """decoder_step position by position (2 blocks, 2 heads, key/value caches) gives the full causal pass's output
-    at every position, for the same teacher-forced inputs."""
+    """Decoder.forward position by position with a key/value cache (2 blocks, 2 heads), as act decodes, gives the full
+    causal pass's output at every position, for the same teacher-forced inputs."""
     agent = perturbed_agent("pmat")
     torch.manual_seed(5)
     prev, rep = torch.randn(6, n_agents, 3), torch.randn(6, n_agents, 16)
     with torch.no_grad():
         full = agent.decoder(prev, rep)  # (B, N, A)
-        caches = pm.new_caches(agent.decoder, 6, n_agents)
-        steps = torch.stack([pm.decoder_step(agent.decoder, prev[:, k], rep[:, k], caches, k) for k in range(n_agents)], 1)
+        cache = {}
+        steps = torch.stack([agent.decoder(prev[:, k : k + 1], rep[:, k : k + 1], cache)[:, 0] for k in range(n_agents)], 1)
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
-    assert len(caches) == 2 and all(len(block_caches) == 2 for block_caches in caches)  # 2 blocks x 2 attentions
-    for block, block_caches in enumerate(caches):  # every block's caches (self- and cross-attention) got every position
-        for layer, cache in enumerate(block_caches):
-            assert cache.abs().min() > 0, f"block {block}, attention {layer}: a position was not written"
+    assert len(cache) == 4  # 2 blocks x 2 attentions (self- and cross-attention)
+    for attention, keys_values in cache.items():  # every attention's cache got every position
+        assert keys_values.shape == (6, n_agents, 2 * 16) and keys_values.abs().min() > 0, attention
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -261,9 +261,9 @@ def test_script_runs_with_compile(tmp_path):
 
 
 def test_compile_checks_the_compiler_of_its_device(tmp_path, monkeypatch):
-    """check_compiler (shared by the three scripts): the CPU path needs the C++ compiler inductor calls ($CXX, else
-    g++), the GPU path the C compiler Triton calls ($CC, else gcc or clang); a missing one is one `error:` line
-    (sys.exit: exit status 1). The GPU path is checked here with a torch.device("cuda"), which needs no GPU."""
+    """pmat_utils.compile.check_compiler (the three scripts' --compile): the CPU path needs the C++ compiler inductor
+    calls ($CXX, else g++), the GPU path the C compiler Triton calls ($CC, else gcc or clang); a missing one is one
+    `error:` line (sys.exit: exit status 1). The GPU path is checked here with a torch.device("cuda"), which needs no GPU."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setenv("PATH", str(tmp_path))  # only the fake compilers made below
     monkeypatch.delenv("CC", raising=False)
@@ -271,7 +271,7 @@ def test_compile_checks_the_compiler_of_its_device(tmp_path, monkeypatch):
 
     def error(device):
         with pytest.raises(SystemExit) as exit_info:
-            pm.check_compiler(device)
+            check_compiler(device)
         message = str(exit_info.value.code)
         assert message.startswith("error: --compile ") and "\n" not in message and "run without --compile" in message
         return message
@@ -284,10 +284,10 @@ def test_compile_checks_the_compiler_of_its_device(tmp_path, monkeypatch):
     assert "on the CPU needs a C++ compiler: 'g++' not found" in error(cpu)
     assert "on the GPU needs a C compiler (for Triton): 'gcc' or 'clang' not found" in error(gpu)
     fake_compiler("clang")
-    pm.check_compiler(gpu)  # Triton takes clang when there is no gcc
+    check_compiler(gpu)  # Triton takes clang when there is no gcc
     assert "'g++' not found" in error(cpu)  # a C compiler is not enough for inductor's C++
     fake_compiler("g++")
-    pm.check_compiler(cpu)
+    check_compiler(cpu)
     monkeypatch.setenv("CXX", "clang++")  # inductor calls $CXX only: g++ on the PATH does not help
     assert "'clang++' not found" in error(cpu) and "$CXX" in error(cpu)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
@@ -309,81 +309,73 @@ def test_bad_input_gives_a_clear_message(flags, bad, accepted):
     assert "Traceback" not in result.stderr
 
 
-def test_flat_parameters_train_exactly_like_separate_ones():
-    """flatten_parameters: the module computes the same outputs, and Adam + gradient clipping on the one flat
-    tensor give the same weights as on the separate parameter tensors (the usual set-up) over several steps."""
+def test_guarded_step_trains_exactly_like_the_usual_step():
+    """guarded_step (zero_grad, backward, clip_grad_norm_, Adam step; the torchrun average does nothing in one process)
+    gives the same weights as the textbook PPO step written out by hand, over several steps in which the clipping
+    really acts, and training does change the weights."""
     import copy
 
     reference = perturbed_agent("pmat")
     agent = copy.deepcopy(reference)
-    flat = pm.flatten_parameters(agent)
-    assert flat.numel() == sum(p.numel() for p in reference.parameters())
     torch.manual_seed(6)
     obs, action, order = torch.randn(8, 4, 7), torch.randn(8, 4, 3), torch.stack([torch.randperm(4) for _ in range(8)])
-    for a, b in zip(agent.evaluate_actions(obs, action, order), reference.evaluate_actions(obs, action, order)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    ref_params = list(reference.parameters())
-    ref_opt = torch.optim.Adam(ref_params, lr=1e-2, eps=1e-5, fused=True)
-    opt = torch.optim.Adam([flat], lr=1e-2, eps=1e-5, fused=True)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2, eps=1e-5, fused=True)
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-2, eps=1e-5, fused=True)
+
+    def loss_of(model):
+        log_prob, entropy, value, order_log_prob = model.evaluate_actions(obs, action, order)
+        return -log_prob.mean() + (value**2).mean() - order_log_prob.mean() - 0.1 * entropy.mean()
+
     for step in range(5):
-        for model, optimizer, clip_params in ((reference, ref_opt, ref_params), (agent, opt, [flat])):
-            log_prob, entropy, value, order_log_prob = model.evaluate_actions(obs, action, order)
-            loss = -log_prob.mean() + (value**2).mean() - order_log_prob.mean() - 0.1 * entropy.mean()
-            optimizer.zero_grad(set_to_none=False)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(clip_params, 0.5)
-            assert norm > 0.5  # the clipping really acts
-            optimizer.step()
-    for a, b in zip(agent.parameters(), reference.parameters()):  # equal up to float summation order
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        ref_opt.zero_grad()
+        loss_of(reference).backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        assert norm > 0.5  # the clipping really acts
+        ref_opt.step()
+        assert pm.guarded_step(opt, agent, loss_of(agent), 0.5)
+    for a, b in zip(agent.parameters(), reference.parameters()):  # the same operations in the same order
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     moved = max((a - b).abs().max() for a, b in zip(agent.parameters(), perturbed_agent("pmat").parameters()))
     assert moved > 1e-3  # and training did change the weights
-    # a state dict saved from the flat model loads into a plain one (checkpoints are unchanged)
-    plain = perturbed_agent("pmat", seed=1)
-    plain.load_state_dict(agent.state_dict())
-    torch.testing.assert_close(plain.evaluate_actions(obs, action, order)[0], agent.evaluate_actions(obs, action, order)[0])
 
 
-def test_adam_parameter_groups_over_the_flat_parameters_take_their_own_learning_rate():
-    """parameter_groups (for Adam groups over the flat parameter, e.g. another learning rate for the scoring block): a
-    learning rate of 0 for "scorer" leaves the scoring block's weights exactly as they were while every other weight
-    moves; with the same learning rate for every group, five steps give the weights of Adam over the one flat tensor
-    (the train loop's set-up), to float rounding (fused Adam may split the work differently); a name that matches no
-    submodule is an error, not an unused learning rate."""
+def test_adam_parameter_groups_take_their_own_learning_rate():
+    """The usual Adam parameter groups through guarded_step (e.g. another learning rate for the scoring block): a
+    learning rate of 0 for the scorer's group leaves the scoring block's weights exactly as they were while every
+    other weight moves; with the same learning rate for both groups, five steps give the weights of single-group Adam
+    over agent.parameters() (the train loop's set-up), to float rounding (fused Adam may split the work differently)."""
     import copy
 
     torch.manual_seed(6)
     obs, action, order = torch.randn(8, 4, 7), torch.randn(8, 4, 3), torch.stack([torch.randperm(4) for _ in range(8)])
 
+    def groups(agent, scorer_lr):  # the scorer's group, then the rest (Adam's lr)
+        rest = [p for n, p in agent.named_parameters() if not n.startswith("scorer.")]
+        return [{"params": agent.scorer.parameters(), "lr": scorer_lr}, {"params": rest}]
+
     def trained(scorer_lr):  # five guarded_step updates -> (initial weights, trained weights) by parameter name
         agent = perturbed_agent("pmat")
         before = copy.deepcopy(agent.state_dict())
-        flat = pm.flatten_parameters(agent)
-        if scorer_lr is None:
-            optimizer = torch.optim.Adam([flat], lr=1e-2, eps=1e-5, fused=True)
-        else:
-            optimizer = torch.optim.Adam(
-                pm.parameter_groups(flat, agent, {"scorer": scorer_lr}), lr=1e-2, eps=1e-5, fused=True
-            )
+        params = agent.parameters() if scorer_lr is None else groups(agent, scorer_lr)
+        optimizer = torch.optim.Adam(params, lr=1e-2, eps=1e-5, fused=True)
+        if scorer_lr is not None:
+            assert [g["lr"] for g in optimizer.param_groups] == [scorer_lr, 1e-2]
+            assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(agent.parameters()))
         for step in range(5):
             log_prob, entropy, value, order_log_prob = agent.evaluate_actions(obs, action, order)
             loss = -log_prob.mean() + (value**2).mean() - order_log_prob.mean() - 0.1 * entropy.mean()
-            assert pm.guarded_step(optimizer, flat, loss, 0.5)
+            assert pm.guarded_step(optimizer, agent, loss, 0.5)
         return before, dict(agent.named_parameters())
 
-    groups = pm.parameter_groups(pm.flatten_parameters(perturbed_agent("pmat")), perturbed_agent("pmat"), {"scorer": 0.0})
-    assert [g.get("lr") for g in groups] == [0.0, None]  # the scorer's group, then the rest (Adam's lr)
-    with pytest.raises(ValueError, match=r"no parameters under \['scorre'\]"):  # a misspelt name fails loudly
-        pm.parameter_groups(pm.flatten_parameters(perturbed_agent("pmat")), perturbed_agent("pmat"), {"scorre": 0.0})
     before, frozen = trained(0.0)
     scorer = [name for name in frozen if name.startswith("scorer.")]
     assert scorer and len(scorer) < len(frozen)
     for name, p in frozen.items():
         moved = (p.detach() - before[name]).abs().max().item()
         assert moved == 0 if name in scorer else moved > 1e-4, (name, moved)
-    _, flat_only = trained(None)
+    _, single_group = trained(None)
     _, equal_groups = trained(1e-2)
-    for name, p in flat_only.items():
+    for name, p in single_group.items():
         torch.testing.assert_close(equal_groups[name], p, rtol=0, atol=1e-6)
 
 
@@ -405,41 +397,40 @@ def test_checkpoints_from_before_the_std_logit_rename_still_load(tmp_path):
 
 
 @pytest.mark.parametrize("zeroing", ["optimizer.zero_grad()", "module.zero_grad()"])
-def test_the_usual_zero_grad_fails_loudly_instead_of_silently_stopping_learning(zeroing):
-    """The copy-and-modify trap of flatten_parameters: replacing zero_grad(set_to_none=False) in guarded_step by the
-    usual optimizer.zero_grad() (the flat gradient becomes None: Adam would skip it), or zeroing with the module's
-    zero_grad() (backward would write new tensors, not the flat gradient), must stop the run with a clear error.
-    The unmodified step trains."""
-    agent = perturbed_agent("pmat")
-    flat = pm.flatten_parameters(agent)
-    optimizer = torch.optim.Adam([flat], lr=1e-2, eps=1e-5, fused=True)
+def test_an_extra_zero_grad_before_the_step_changes_nothing(zeroing):
+    """The gradients live in each parameter's .grad, as usual: an extra optimizer.zero_grad() or module.zero_grad()
+    (set_to_none, the default) before guarded_step, e.g. in a copy of the script, still gives a real step, with exactly
+    the weights of the same steps without it."""
     torch.manual_seed(8)
     obs, action, order = torch.randn(8, 4, 7), torch.randn(8, 4, 3), torch.stack([torch.randperm(4) for _ in range(8)])
 
-    def loss():
-        log_prob, entropy, value, order_log_prob = agent.evaluate_actions(obs, action, order)
-        return -log_prob.mean() + (value**2).mean() - order_log_prob.mean()
+    def trained(extra_zeroing):  # two guarded_step updates -> (initial weights, trained weights)
+        agent = perturbed_agent("pmat")
+        optimizer = torch.optim.Adam(agent.parameters(), lr=1e-2, eps=1e-5, fused=True)
+        before = conftest.flat_weights(agent).clone()
+        for step in range(2):
+            log_prob, entropy, value, order_log_prob = agent.evaluate_actions(obs, action, order)
+            loss = -log_prob.mean() + (value**2).mean() - order_log_prob.mean()
+            if extra_zeroing:
+                optimizer.zero_grad() if zeroing == "optimizer.zero_grad()" else agent.zero_grad()
+                assert all(p.grad is None for p in agent.parameters())
+            assert pm.guarded_step(optimizer, agent, loss, 0.5)
+        return before, conftest.flat_weights(agent)
 
-    before = flat.detach().clone()
-    assert pm.guarded_step(optimizer, flat, loss(), 0.5)
-    assert (flat.detach() - before).abs().max() > 1e-3
-    if zeroing == "optimizer.zero_grad()":  # the line in guarded_step, edited the usual way
-        optimizer.zero_grad = lambda set_to_none=True: torch.optim.Adam.zero_grad(optimizer)
-    else:
-        agent.zero_grad()
-    with pytest.raises(RuntimeError, match=r"zero them with optimizer.zero_grad\(set_to_none=False\)"):
-        pm.guarded_step(optimizer, flat, loss(), 0.5)
+    before, plain = trained(False)
+    _, zeroed = trained(True)
+    assert (plain - before).abs().max() > 1e-3 and (zeroed - before).abs().max() > 1e-3  # both really stepped
+    torch.testing.assert_close(zeroed, plain, rtol=0, atol=0)
 
 
 def test_compiled_policy_and_loss_equal_eager():
     """--compile: torch.compile'd act (greedy) and ppo_loss give the eager values and gradients, and the compiled
-    policy follows in-place weight updates (the optimizer changes the flat parameters between calls)."""
+    policy follows in-place weight updates (the optimizer changes the parameters between calls)."""
     import shutil
 
     if not shutil.which("g++"):  # .ci/run installs it (build-essential, with gfootball's packages)
         (pytest.fail if conftest.require_optional() else pytest.skip)("torch.compile on the CPU needs a C++ compiler")
     agent = perturbed_agent("pmat")
-    flat = pm.flatten_parameters(agent)
     torch.manual_seed(7)
     obs = torch.randn(6, 4, 7)
     act = torch.compile(agent.act, dynamic=False)
@@ -447,7 +438,8 @@ def test_compiled_policy_and_loss_equal_eager():
         for a, b in zip(act(obs, deterministic=True), agent.act(obs, deterministic=True)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
         with torch.no_grad():
-            flat.add_(0.05 * torch.randn_like(flat))  # an optimizer step, in place
+            for p in agent.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # an optimizer step, in place
     # the loss: same value and same gradient
     action, log_prob, value, order, order_log_prob = agent.act(obs)
     inputs = {
@@ -460,4 +452,4 @@ def test_compiled_policy_and_loss_equal_eager():
         "targets": torch.randn(6, 4),
         "values": value,
     }
-    conftest.assert_compiled_loss_equals_eager(pm, agent, flat, inputs)
+    conftest.assert_compiled_loss_equals_eager(pm, agent, inputs)

@@ -1,6 +1,6 @@
 """benchmarks/order_game.py: the key-holder game, its best achievable returns, and a learning test.
 
-The learning test trains through the same PMAT, ppo_loss, compute_gae, ValueNorm and flatten_parameters as
+The learning test trains through the same PMAT, ppo_loss, compute_gae, ValueNorm and guarded_step as
 pmat_smac.py (the benchmark imports them). It uses a ranking-loss coefficient of 1e-2 instead of the paper's 1e-4
 so that the order is learned within the test's budget (the benchmark's table shows 1e-4 too, slower).
 """

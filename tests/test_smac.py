@@ -73,17 +73,18 @@ def test_permuting_agents_permutes_greedy_actions():
 
 @pytest.mark.parametrize("n_agents", [1, 10])
 def test_cached_decoder_steps_equal_the_full_pass(n_agents):
-    """decoder_step position by position (2 blocks, 2 heads, key/value caches) gives the full causal pass's logits
-    at every position, for the same one-hot inputs."""
+    """Decoder.forward position by position with a key/value cache (2 blocks, 2 heads), as act decodes, gives the full
+    causal pass's logits at every position, for the same one-hot inputs."""
     agent = perturbed_agent("pmat")
     torch.manual_seed(5)
     prev = torch.nn.functional.one_hot(torch.randint(0, 6, (6, n_agents)), 6).float()
     rep = torch.randn(6, n_agents, 16)
     with torch.no_grad():
         full = agent.decoder(prev, rep)  # (B, N, A)
-        caches = ps.new_caches(agent.decoder, 6, n_agents)
-        steps = torch.stack([ps.decoder_step(agent.decoder, prev[:, k], rep[:, k], caches, k) for k in range(n_agents)], 1)
+        cache = {}
+        steps = torch.stack([agent.decoder(prev[:, k : k + 1], rep[:, k : k + 1], cache)[:, 0] for k in range(n_agents)], 1)
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
+    assert len(cache) == 4 and all(kv.shape == (6, n_agents, 2 * 16) for kv in cache.values())  # every position cached
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -198,7 +199,6 @@ def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
     rollout/training ratio is still exactly 1, dead agents included (their forced action has log-prob 0)."""
     torch.manual_seed(7)
     agent = perturbed_agent("pmat", n_actions=6)
-    flat = ps.flatten_parameters(agent)
     B, N = 32, 5
     obs, avail = torch.randn(B, N, 7), random_masks(B, N, 6)
     avail[..., 0] = False  # the no-op: dead units only
@@ -228,12 +228,12 @@ def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
         "values": value,
     }
 
-    flat.grad.zero_()
+    agent.zero_grad()
     loss, logged = ps.ppo_loss(agent, args, {**inputs, "active": active})
     loss.backward()
-    grad = flat.grad.clone()
+    grad = conftest.flat_grad(agent).clone()
 
-    flat.grad.zero_()  # the reference: per-agent terms, dead agents' terms dropped by indexing
+    agent.zero_grad()  # the reference: per-agent terms, dead agents' terms dropped by indexing
     new_log_prob, entropy, new_value, new_sigma_log_prob = agent.evaluate_actions(obs, action, sigma, avail)
     ratio = (new_log_prob - old_log_prob).exp()
     terms = torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)
@@ -253,7 +253,7 @@ def test_dead_agents_are_left_out_of_the_policy_loss_and_entropy():
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-7)
     parts = torch.stack([logged[name] for name in ("policy_loss", "value_loss", "ranking_loss", "entropy")])
     torch.testing.assert_close(parts, torch.stack([pg, v, rank, ent]).detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(grad, flat.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, conftest.flat_grad(agent), rtol=1e-5, atol=1e-7)
     assert (ratio[active] - 1).abs().max() > 0.05  # the ratios really differ from 1
     assert (ps.ppo_loss(agent, args, inputs)[0] - loss).abs() > 1e-4  # without the mask the loss differs
 
@@ -505,7 +505,6 @@ def test_compiled_policy_and_loss_equal_eager():
     if not shutil.which("g++"):  # .ci/run installs it (build-essential, with gfootball's packages)
         (pytest.fail if conftest.require_optional() else pytest.skip)("torch.compile on the CPU needs a C++ compiler")
     agent = perturbed_agent("pmat")
-    flat = ps.flatten_parameters(agent)
     torch.manual_seed(8)
     obs, avail = torch.randn(6, 4, 7), random_masks(6, 4, 5)
     act = torch.compile(agent.act, dynamic=False)
@@ -523,4 +522,4 @@ def test_compiled_policy_and_loss_equal_eager():
         "targets": torch.randn(6, 4),
         "values": value,
     }
-    conftest.assert_compiled_loss_equals_eager(ps, agent, flat, inputs)
+    conftest.assert_compiled_loss_equals_eager(ps, agent, inputs)

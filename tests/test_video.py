@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import ROOT, count_env0_steps, perturbed_agent, read_scalars, run_script
 
+from pmat_utils import video
+
 EGL_PACKAGES = "libegl1 libegl-mesa0 libopengl0 libgl1-mesa-dri"
 
 
@@ -48,23 +50,21 @@ def text_colour(pixels, colours, background=(32, 32, 32)):
     return int(np.bincount(np.argmin(residuals, 0), minlength=len(colours)).argmax())
 
 
-def test_the_panel_draws_each_position_in_its_rank_colour_and_only_the_order_changes_it():
-    import pmat_mamujoco as pm  # video_frame is the same in the three scripts (test_shared_code.py)
-
+def test_the_panel_draws_each_position_in_its_colour_and_only_the_order_changes_it():
     scene = np.zeros((96, 64, 3), np.uint8)
     labels, scores = ["agent 0: a", "agent 1: b", "agent 2: c"], np.array([2.0, 7.5, 4.25])
-    frame = lambda sigma: pm.video_frame(scene, sigma, scores, labels, "title")  # noqa: E731
+    frame = lambda sigma: video.video_frame(scene, sigma, scores, labels, "title")  # noqa: E731
     a, b, c = frame([1, 2, 0]), frame([1, 2, 0]), frame([1, 0, 2])
     assert a.shape == (96, 288, 3) and a.dtype == np.uint8  # 64 + 224 wide, multiples of 16
     assert np.array_equal(a, b)  # the same order: the same picture
     assert np.array_equal(a[:, :64], scene)  # the scene is left as it is
-    top = 3 + 2 * pm.LINE_HEIGHT  # the title line and the column header come first
-    rows = [slice(top + k * pm.LINE_HEIGHT, top + (k + 1) * pm.LINE_HEIGHT) for k in range(3)]
+    top = 3 + 2 * video.LINE_HEIGHT  # the title line and the column header come first
+    rows = [slice(top + k * video.LINE_HEIGHT, top + (k + 1) * video.LINE_HEIGHT) for k in range(3)]
     assert np.array_equal(a[rows[0]], c[rows[0]])  # agent 1 decides first in both
     for k in (1, 2):
         assert not np.array_equal(a[rows[k]], c[rows[k]])  # positions 2 and 3 swapped agents
-    for k, row in enumerate(rows):  # each row is written in its rank's colour
-        assert text_colour(a[row, 64:], pm.RANK_COLORS[:3]) == k
+    for k, row in enumerate(rows):  # each row is written in its position's colour
+        assert text_colour(a[row, 64:], video.POSITION_COLORS[:3]) == k
 
 
 def test_pmat_scores_are_the_scorers_and_sorted_along_the_evaluation_order():
@@ -72,7 +72,7 @@ def test_pmat_scores_are_the_scorers_and_sorted_along_the_evaluation_order():
 
     obs = torch.randn(1, 4, 6)
     agent = perturbed_agent(pm, "pmat", obs_dim=6, act_dim=2)
-    scores = pm.order_scores(agent, obs)
+    scores = video.order_scores(agent, obs)
     with torch.no_grad():
         z = agent.scorer(agent.encoder(obs)[0])[0]  # log v (eq. 11)
     np.testing.assert_allclose(scores, z.exp().numpy(), rtol=1e-6)
@@ -80,12 +80,10 @@ def test_pmat_scores_are_the_scorers_and_sorted_along_the_evaluation_order():
     sigma = agent.act(obs, deterministic=True)[3][0]
     assert (np.diff(scores[sigma.numpy()]) <= 0).all()  # the panel lists them in decreasing order
     for order in ("mat", "rmat"):
-        assert pm.order_scores(perturbed_agent(pm, order, obs_dim=6, act_dim=2), obs) is None
+        assert video.order_scores(perturbed_agent(pm, order, obs_dim=6, act_dim=2), obs) is None
 
 
-def test_battle_map_marks_ranks_and_attacks():
-    import pmat_smac as ps
-
+def test_battle_map_marks_positions_and_attacks():
     units = {
         "pos": np.array([[10.0, 10.0], [12.0, 10.0], [16.0, 12.0]]),  # two allies, one enemy
         "health": np.array([1.0, 0.5, 0.8]),
@@ -94,15 +92,16 @@ def test_battle_map_marks_ranks_and_attacks():
         "enemy_target": np.array([0]),
         "map_size": (32, 32),
     }
-    first, again = ps.draw_battle(units, [2, -1], [0, 1]), ps.draw_battle(units, [2, -1], [0, 1])
-    swapped = ps.draw_battle(units, [2, -1], [1, 0])  # ally 1 decides first
-    assert first.shape == (ps.VIDEO_SIZE, ps.VIDEO_SIZE, 3) and np.array_equal(first, again)
+    first, again = video.draw_battle(units, [2, -1], [0, 1]), video.draw_battle(units, [2, -1], [0, 1])
+    swapped = video.draw_battle(units, [2, -1], [1, 0])  # ally 1 decides first
+    assert first.shape == (video.BATTLE_VIDEO_SIZE, video.BATTLE_VIDEO_SIZE, 3) and np.array_equal(first, again)
     assert not np.array_equal(first, swapped)
     count = lambda image, c: int((image.reshape(-1, 3) == c).all(1).sum())  # noqa: E731
-    for ranks in ([0, 1], [1, 0]):  # ally 0's attack line is drawn in the colour of its rank (lines are not blended)
-        attack, idle = ps.draw_battle(units, [2, -1], ranks), ps.draw_battle(units, [-1, -1], ranks)
-        assert count(attack, ps.RANK_COLORS[ranks[0]]) > count(idle, ps.RANK_COLORS[ranks[0]]) + 20
-        assert count(attack, ps.RANK_COLORS[ranks[1]]) == count(idle, ps.RANK_COLORS[ranks[1]])
+    for positions in ([0, 1], [1, 0]):  # ally 0's attack line is drawn in its position's colour (lines are not blended)
+        attack, idle = video.draw_battle(units, [2, -1], positions), video.draw_battle(units, [-1, -1], positions)
+        colors = [video.POSITION_COLORS[k] for k in positions]
+        assert count(attack, colors[0]) > count(idle, colors[0]) + 20
+        assert count(attack, colors[1]) == count(idle, colors[1])
 
 
 # ------------------------------------------------------------------------------------------------- SMAX
@@ -120,7 +119,7 @@ def test_smax_film_has_one_frame_per_step_of_env_0s_battle():
     agent = perturbed_agent(ps, "pmat", obs_dim=envs.obs_dim, act_dim=envs.n_actions)
     steps = count_env0_steps(envs)  # an independent count: the steps env 0 took until its battle ended
     keys = np.array(envs.keys)
-    frames = list(ps.record_episode(agent, envs, ps.Args(map="3m", smax_max_steps=20), "smax", "cpu"))
+    frames = list(video.battle_frames(agent, envs, "3m  pmat  t {}", "smax", "cpu"))
     assert len(frames) == steps.index(True) + 1 == len(steps) and 1 < len(frames) <= 20
     assert all(f.shape == (320, 544, 3) for f in frames)
     assert np.array_equal(np.array(envs.keys), keys)  # the battles after filming are those without it
@@ -186,11 +185,11 @@ def test_without_the_flag_mujoco_builds_no_renderer(tmp_path):
 
 def test_mujoco_filming_does_not_change_training_and_eval_only_films_a_saved_run(render, tmp_path):
     runs = {}
-    for video in (False, True):
-        run_dir = str(tmp_path / f"video{video}")
-        result = run_script("pmat_mamujoco.py", *MUJOCO_TINY, "--run-dir", run_dir, *(["--capture-video"] * video))
+    for filmed in (False, True):
+        run_dir = str(tmp_path / f"video{filmed}")
+        result = run_script("pmat_mamujoco.py", *MUJOCO_TINY, "--run-dir", run_dir, *(["--capture-video"] * filmed))
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[video] = read_scalars(run_dir)
+        runs[filmed] = read_scalars(run_dir)
     assert set(runs[True]) == set(runs[False])
     for tag in ("losses/policy_loss", "losses/value_loss", "eval/episodic_return"):  # rMAT's orders draw on the RNG
         assert runs[True][tag] == runs[False][tag], tag
@@ -216,18 +215,19 @@ import numpy as np, torch, sys
 sys.path.insert(0, "tests")
 import pmat_mamujoco as pm
 from conftest import perturbed_agent
+from pmat_utils import video
 args = pm.Args(scenario="Hopper", agent_conf="3x1", order="rmat")
 envs = pm.make_envs(args, 1, async_envs=False)
 agent = perturbed_agent(pm, "rmat", obs_dim=envs.single_observation_space.shape[1], act_dim=1)
 torch.manual_seed(0)
-frames = list(pm.record_episode(agent, envs, args, "cpu", seed=7))
+frames = list(video.mujoco_frames(agent, envs, "Hopper 3x1  rmat  t {}", "cpu", seed=7))
 torch.manual_seed(0)  # the same episode again, without rendering: count its steps
 obs, _ = envs.reset(seed=7)
 steps, done = 0, False
 while not done:
     obs, _, terminated, truncated, _ = envs.step(agent.act(torch.as_tensor(obs), deterministic=True)[0].numpy())
     steps, done = steps + 1, terminated[0] or truncated[0]
-print(len(frames), steps, pm.save_video(iter(frames), 20, sys.argv[1], None, 0, False))
+print(len(frames), steps, video.save_video(iter(frames), 20, sys.argv[1], None, 0, False))
 """
 
 

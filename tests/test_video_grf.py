@@ -10,6 +10,7 @@ from conftest import perturbed_agent, run_script
 from test_video import blocked_run, decoded, video_frames_printed
 
 import pmat_grf as pg
+from pmat_utils import video
 
 pytestmark = pytest.mark.grf
 
@@ -21,15 +22,16 @@ TINY = (
 def test_action_names_are_gfootballs(grf):
     from gfootball.env import football_action_set
 
-    assert pg.GRF_ACTION_NAMES == [str(a) for a in football_action_set.get_action_set({"action_set": "default"})]
+    assert video.GRF_ACTION_NAMES == [str(a) for a in football_action_set.get_action_set({"action_set": "default"})]
 
 
 def test_film_has_one_frame_per_step_and_marks_the_controlled_players(grf):
     args = pg.Args(order="pmat")
-    args.num_agents = pg.check_env_args(args.env_name, args.num_agents, args.rewards)
+    pg.check_env_args(args)
+    args.num_agents = args.num_agents or pg.PAPER_AGENTS[args.env_name]  # as train() sets it
     envs = pg.make_envs(args, 1, async_envs=False)
     agent = perturbed_agent(pg, "pmat", obs_dim=envs.single_observation_space.shape[1], act_dim=pg.GRF_NUM_ACTIONS)
-    frames = list(pg.record_episode(agent, envs, args, "cpu", seed=5))
+    frames = list(video.football_frames(agent, envs, "academy  pmat  t {}", "cpu", seed=5))
     obs, info = envs.reset(seed=5)  # the same episode again (PMAT's evaluation is deterministic)
     raws, done = [], False
     while not done:
@@ -39,16 +41,17 @@ def test_film_has_one_frame_per_step_and_marks_the_controlled_players(grf):
         done = terminated[0] or truncated[0]
     envs.close()
     assert len(frames) == len(raws) > 1 and all(f.shape == (192, 640, 3) for f in frames)
-    # each controlled player is ringed in its rank's colour: the ring is drawn where the raw observation puts it
+    # each controlled player is ringed in its position's colour: the ring is drawn where the raw observation puts it
     raw, count = raws[0], lambda image, c: int((image.reshape(-1, 3) == c).all(1).sum())  # noqa: E731
-    for ranks in ([0, 1, 2], [2, 0, 1]):
-        image = pg.draw_pitch(raw, ranks)
-        for i, rank in enumerate(ranks):
+    width, height = video.FOOTBALL_VIDEO_SIZE
+    for positions in ([0, 1, 2], [2, 0, 1]):
+        image = video.draw_pitch(raw, positions)
+        for i, position in enumerate(positions):
             x, y = raw[0]["left_team"][raw[i]["active"]]
-            px, py = int(pg.VIDEO_SIZE[0] / 2 + x * (pg.VIDEO_SIZE[0] - 16) / 2), int(pg.VIDEO_SIZE[1] / 2 + y * 200)
+            px, py = int(width / 2 + x * (width - 16) / 2), int(height / 2 + y * 200)
             around = image[max(0, py - 9) : py + 10, max(0, px - 9) : px + 10]
-            assert count(around, pg.RANK_COLORS[rank]) >= 10, (i, rank)
-    assert not np.array_equal(pg.draw_pitch(raw, [0, 1, 2]), pg.draw_pitch(raw, [2, 0, 1]))
+            assert count(around, video.POSITION_COLORS[position]) >= 10, (i, position)
+    assert not np.array_equal(video.draw_pitch(raw, [0, 1, 2]), video.draw_pitch(raw, [2, 0, 1]))
 
 
 def test_run_writes_decodable_mp4(grf, tmp_path):

@@ -9,6 +9,7 @@ from conftest import count_env0_steps, perturbed_agent
 
 import pmat_smac as ps
 from pmat_utils.sc2 import Sc2VecEnv
+from pmat_utils.video import battle_frames
 
 pytestmark = pytest.mark.sc2
 
@@ -34,7 +35,7 @@ def test_sc2_units_and_film_of_env_0s_battle(fake_game):
         assert units["map_size"] == (32, 32) and not units["healer"].any()
         agent = perturbed_agent(ps, "rmat", obs_dim=envs.obs_dim, act_dim=envs.n_actions)
         steps = count_env0_steps(envs)  # an independent count: the steps env 0 took until its battle ended
-        frames = list(ps.record_episode(agent, envs, ps.Args(map="3m"), "sc2", "cpu"))
+        frames = list(battle_frames(agent, envs, "3m  rmat  t {}", "sc2", "cpu"))
         assert len(frames) == len(steps) == steps.index(True) + 1 > 1
         assert all(f.shape == (320, 544, 3) for f in frames)
         assert not np.array_equal(frames[0], frames[-1])
