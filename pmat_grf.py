@@ -1086,7 +1086,6 @@ def load_agent(path, device="cpu"):
     return agent.to(device).eval(), a
 
 
-# The flags that define a run (env, order, network, seed): --resume and --eval-only refuse other values for them
 def evaluate(agent, envs, args, device, run_dir, global_step, writer):
     """One evaluation: its eval/* scalars, a printed line and, with --capture-video, a film (README, Videos)."""
     scores, returns = evaluate_policy(agent, envs, args.eval_episodes, device)
@@ -1101,6 +1100,7 @@ def evaluate(agent, envs, args, device, run_dir, global_step, writer):
     return {"eval/episode_score": np.mean(scores), "eval/win_rate": win_rate, "eval/episodic_return": np.mean(returns)}
 
 
+# The flags that define a run (env, order, network, seed): --resume and --eval-only refuse other values for them
 FIXED_FLAGS = (
     "env_name",
     "num_agents",

@@ -884,7 +884,6 @@ def load_agent(path, device="cpu"):
     return agent.to(device).eval(), a
 
 
-# The flags that define a run (env, order, network, seed): --resume and --eval-only refuse other values for them
 def evaluate(agent, envs, args, device, run_dir, global_step, writer):
     """One evaluation: its eval/* scalars, a printed line and, with --capture-video, a film (README, Videos)."""
     returns = evaluate_policy(agent, envs, args.eval_episodes, device)
@@ -894,6 +893,7 @@ def evaluate(agent, envs, args, device, run_dir, global_step, writer):
     return {"eval/episodic_return": np.mean(returns)}
 
 
+# The flags that define a run (env, order, network, seed): --resume and --eval-only refuse other values for them
 FIXED_FLAGS = ("scenario", "agent_conf", "agent_obsk", "order", "scale_free_ranking", "n_block", "n_embd", "n_head", "seed")
 
 
