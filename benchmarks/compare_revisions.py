@@ -56,8 +56,8 @@ def make_calls(m, script):
     if hasattr(m, "flatten_parameters"):  # revisions before the usual optimizer step: Adam over one flat parameter
         flat = m.flatten_parameters(agent)
         optimizer, stepped = torch.optim.Adam([flat], lr=5e-5, eps=1e-5, fused=True), flat
-    else:
-        optimizer, stepped = torch.optim.Adam(agent.parameters(), lr=5e-5, eps=1e-5, fused=True), agent
+    else:  # the script's own optimizer
+        optimizer, stepped = m.make_optimizer(agent, m.Args(order="pmat", learning_rate=5e-5)), agent
     args = m.Args(order="pmat")
     obs = torch.randn(B, N, obs_dim)
     if kind == "masked" and "avail" not in inspect.signature(m.PMAT.act).parameters:

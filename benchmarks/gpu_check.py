@@ -49,8 +49,8 @@ def one_update(module, device, seed=0):
     with torch.no_grad():
         for p in agent.parameters():
             p.add_(0.2 * torch.randn_like(p))  # away from the near-zero init: every loss term has a gradient
-    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5, fused=True)
-    args = module.Args(order="pmat", rank_coef=0.5)
+    args = module.Args(order="pmat", rank_coef=0.5, learning_rate=1e-3)
+    optimizer = module.make_optimizer(agent, args)
     value_norm = module.ValueNorm().to(device)
     B = 32
     obs = torch.randn(B, n_agents, obs_dim, device=device)

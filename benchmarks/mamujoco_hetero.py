@@ -76,7 +76,7 @@ def setup(args, module, scenario, conf, mask=True):
         stepped = module.flatten_parameters(agent)
         optimizer = torch.optim.Adam([stepped], lr=5e-5, eps=1e-5, fused=True)
     else:  # now: the usual Adam over the parameters; guarded_step takes the module
-        stepped, optimizer = agent, torch.optim.Adam(agent.parameters(), lr=5e-5, eps=1e-5, fused=True)
+        stepped, optimizer = agent, module.make_optimizer(agent, module.Args(order="pmat", learning_rate=5e-5))
     obs = torch.as_tensor(envs.reset(seed=0)[0])
     return {"module": module, "envs": envs, "agent": agent, "stepped": stepped, "optimizer": optimizer, "obs": obs}
 

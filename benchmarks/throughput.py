@@ -178,7 +178,7 @@ def update_ms_per_minibatch(module, bench, n_agents, obs_dim, act_dim, minibatch
         stepped = module.flatten_parameters(agent)
         optimizer = torch.optim.Adam([stepped], lr=1e-6, eps=1e-5, fused=True)
     else:
-        stepped, optimizer = agent, torch.optim.Adam(agent.parameters(), lr=1e-6, eps=1e-5, fused=True)
+        stepped, optimizer = agent, module.make_optimizer(agent, module.Args(order="pmat", learning_rate=1e-6))
     args = module.Args(order="pmat")
     obs = torch.randn(minibatch, n_agents, obs_dim, device=device)
     avail = torch.ones(minibatch, n_agents, act_dim, dtype=torch.bool, device=device)

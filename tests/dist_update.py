@@ -65,7 +65,7 @@ def update(agent, batch, mb_indices):
     args = pm.Args(order="pmat", rank_coef=0.5, learning_rate=1e-3)  # a visible ranking term, a visible step
     obs, action, order, log_prob, order_log_prob, value, returns, advantages = batch
     value_norm = pm.ValueNorm()
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = pm.make_optimizer(agent, args)  # the script's own: flat groups
     value_norm.update(returns)
     targets = value_norm.normalize(returns)
     advantages = pm.normalize_advantages(advantages)

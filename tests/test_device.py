@@ -154,7 +154,8 @@ def test_the_training_loop_runs_on_meta(name, order):
     # The scripts' Adam(fused=True) refuses meta tensors (it accepts CPU and GPU tensors only); the unfused Adam is the
     # same update. guarded_step runs zero_grad, backward and the clip on meta, and stops at its one decision on a
     # value, `if not torch.isfinite(...)` (a device sync on the GPU, no data on meta).
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=False)
+    flat = module.flat_group(list(agent.parameters()))  # make_optimizer's flat group, on meta
+    optimizer = torch.optim.Adam([flat], lr=args.learning_rate, eps=1e-5, fused=False)
     with pytest.raises(RuntimeError, match="cannot be called on meta tensors") as stopped:
         module.guarded_step(optimizer, agent, loss, args.max_grad_norm)
     frames = [f for f in traceback.extract_tb(stopped.tb) if f.name == "guarded_step"]
@@ -162,7 +163,7 @@ def test_the_training_loop_runs_on_meta(name, order):
     grads = [p.grad for p in agent.parameters()]
     assert all(g is not None for g in grads) and on_meta(*grads)  # every weight got its gradient, on meta
     optimizer.step()
-    states = [optimizer.state[p] for p in agent.parameters()]
+    states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"]]
     assert on_meta(*agent.parameters(), *(x for state in states for x in (state["exp_avg"], state["exp_avg_sq"])))
 
 

@@ -63,8 +63,8 @@ def assert_same_state(a, b):
         assert a[part].keys() == b[part].keys()
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), (part, name)
-    states_a, states_b = a["optimizer"]["state"], b["optimizer"]["state"]  # one entry per parameter
-    assert states_a.keys() == states_b.keys() and len(states_a) == len(a["model"])
+    states_a, states_b = a["optimizer"]["state"], b["optimizer"]["state"]  # one entry per flat group
+    assert states_a.keys() == states_b.keys() and len(states_a) == len(a["optimizer"]["param_groups"])
     for i in states_a:
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(states_a[i][name], states_b[i][name]), (i, name)
@@ -74,7 +74,7 @@ def assert_same_state(a, b):
 
 
 def adam_steps(checkpoint):
-    """The step counts of Adam's state in a checkpoint, one per parameter: a set of one value (all take each step)."""
+    """The step counts of Adam's state in a checkpoint, one per flat group: a set of one value (all take each step)."""
     return {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
 
 
@@ -282,7 +282,7 @@ def test_sigkill_mid_training_then_resume(tmp_path):
 
     # the restore function main() calls gives back exactly the checkpoint's state
     agent = pm.PMAT(killed_at["obs_dim"], killed_at["act_dim"], "pmat")
-    optimizer = torch.optim.Adam(agent.parameters(), lr=5e-5, eps=1e-5, fused=True)
+    optimizer = pm.make_optimizer(agent, pm.Args(learning_rate=5e-5))  # as the script builds it
     value_norm = pm.ValueNorm()
     checkpoints.restore_checkpoint(killed_at, agent, optimizer, value_norm)
     restored = checkpoints.checkpoint_state(agent, optimizer, value_norm, k, killed_at["global_step"], pm.Args())
@@ -525,7 +525,7 @@ def test_only_rank_0_takes_the_checkpoints_random_streams(one_iteration):
     for restore_rng in (True, False):
         runs.seed_process(runs.stream_seed(1, "process", rank=1, start_step=checkpoint["global_step"]))
         agent = pm.PMAT(checkpoint["obs_dim"], checkpoint["act_dim"])
-        optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+        optimizer = pm.make_optimizer(agent, pm.Args(learning_rate=1e-3))
         before = torch.get_rng_state()
         checkpoints.restore_checkpoint(checkpoint, agent, optimizer, pm.ValueNorm(), restore_rng=restore_rng)
         assert torch.equal(torch.get_rng_state(), checkpoint["rng"]["torch"] if restore_rng else before)

@@ -376,7 +376,7 @@ def test_adam_parameter_groups_take_their_own_learning_rate():
     _, single_group = trained(None)
     _, equal_groups = trained(1e-2)
     for name, p in single_group.items():
-        torch.testing.assert_close(equal_groups[name], p, rtol=0, atol=1e-6)
+        torch.testing.assert_close(equal_groups[name], p, rtol=0, atol=1e-5)  # the clip sums the norm in group order
 
 
 def test_checkpoints_from_before_the_std_logit_rename_still_load(tmp_path):
