@@ -952,9 +952,7 @@ def train(args):
         distributed.broadcast_parameters(agent)  # torchrun: every rank starts from rank 0's weights
 
     buf = rollout_buffers(T, E, N, obs_dim, n_actions, device)
-    start_iteration, global_step = checkpoints.restore_run(
-        checkpoint, checkpoint_path, agent, optimizer, value_norm, args, rank
-    )
+    start_iteration, global_step = checkpoints.restore_run(checkpoint, checkpoint_path, agent, optimizer, value_norm, args)
     start_time, start_step = time.time(), global_step
     skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient
     next_obs, info = envs.reset(seed=[runs.stream_seed(args.seed, "env", rank, e, 0, start_step) for e in range(E)])

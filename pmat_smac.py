@@ -798,9 +798,7 @@ def train(args):
         distributed.broadcast_parameters(agent)  # torchrun: every rank starts from rank 0's weights
 
     buf = rollout_buffers(T, E, N, obs_dim, n_actions, device)
-    start_iteration, global_step = checkpoints.restore_run(
-        checkpoint, checkpoint_path, agent, optimizer, value_norm, args, rank
-    )
+    start_iteration, global_step = checkpoints.restore_run(checkpoint, checkpoint_path, agent, optimizer, value_norm, args)
     start_time, start_step = time.time(), global_step
     skipped_in_a_row = 0  # mini-batch updates skipped for a non-finite loss or gradient
     next_obs, next_avail = (torch.as_tensor(x, device=device) for x in envs.reset())
@@ -888,8 +886,7 @@ def train(args):
                 scalars["charts/episodic_return"] = np.mean(finished_returns)
                 scalars["charts/episodic_length"] = np.mean(finished_lengths)
             if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
-                # the training envs evaluate (a second set of StarCraft II games would double the memory), then the
-                # next rollout starts from fresh battles
+                # on the training envs (a second set of StarCraft II games would double the memory); then fresh battles
                 scalars |= evaluate(agent, envs, args, backend, device, run_dir, global_step, writer)
                 next_obs, next_avail = (torch.as_tensor(x, device=device) for x in envs.reset())
                 episode_return[:], episode_length[:] = 0.0, 0

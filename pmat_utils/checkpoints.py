@@ -7,6 +7,7 @@ from dataclasses import fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import tyro
 
 CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint_prev.pt"  # in the run folder: the newest, the one before
@@ -135,11 +136,12 @@ def restore_checkpoint(checkpoint, agent, optimizer, value_norm, restore_rng=Tru
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def restore_run(checkpoint, checkpoint_path, agent, optimizer, value_norm, args, rank):
-    """--resume: restore the checkpoint (rank 0 also its random streams: call this last, so that nothing built before
-    draws from them) -> (first iteration, global step); (1, 0) for a new run."""
+def restore_run(checkpoint, checkpoint_path, agent, optimizer, value_norm, args):
+    """--resume: restore the checkpoint (torchrun's rank 0 also its random streams: call this last, so that nothing
+    built before draws from them) -> (first iteration, global step); (1, 0) for a new run."""
     if checkpoint is None:
         return 1, 0
+    rank = dist.get_rank() if dist.is_initialized() else 0
     restore_checkpoint(checkpoint, agent, optimizer, value_norm, restore_rng=rank == 0)
     for group in optimizer.param_groups:  # --learning-rate may have changed on resume (groups with their own lr stay)
         if group["lr"] == checkpoint["args"]["learning_rate"]:
