@@ -4,8 +4,10 @@
 #
 #   bash benchmarks/gpu_check.sh           # on a machine with a CUDA GPU
 #   bash benchmarks/gpu_check.sh --cpu     # the same steps on the CPU: checks this script itself (CI, no GPU)
-#   options: --quick  one --compile run instead of three, short timings (tests/test_gpu_check.py uses it)
+#   options: --quick  one --compile run instead of three, short timings
 #            --only ID[,ID...]  just these steps (resume-mamujoco and load-mamujoco need train-mamujoco's run)
+#            --dry-run  run nothing: the table lists each step's command and the line it must print (no GPU needed;
+#                       tests/test_gpu_check.py checks the commands this way, and runs a few cheap steps for real)
 #   PYTHON=/path/to/python: the interpreter every step runs (default: `python` on the PATH, else `python3`)
 #
 # Steps (ID: what it runs; "--cuda" is left out with --cpu):
@@ -23,19 +25,20 @@
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
-MODE=gpu QUICK=0 ONLY=""
+MODE=gpu QUICK=0 ONLY="" DRY=0
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 while [ $# -gt 0 ]; do
     case $1 in
         --cpu) MODE=cpu ;;
         --quick) QUICK=1 ;;
+        --dry-run) DRY=1 ;;
         --only)
             [ $# -ge 2 ] || { echo "error: --only needs a list of step IDs, e.g. --only train-mamujoco,torchrun"; exit 2; }
             ONLY=$2
             shift
             ;;
         -h | --help) usage; exit 0 ;;
-        *) echo "error: unknown option '$1' (accepted: --cpu, --quick, --only ID[,ID...], --help)"; exit 2 ;;
+        *) echo "error: unknown option '$1' (accepted: --cpu, --quick, --only ID[,ID...], --dry-run, --help)"; exit 2 ;;
     esac
     shift
 done
@@ -63,7 +66,7 @@ read -r TORCH_VERSION CUDA_VERSION GPU_NAME < <("$PY" -c "
 import torch
 name = torch.cuda.get_device_name(0).replace(' ', '_') if torch.cuda.is_available() else '-'
 print(torch.__version__, torch.version.cuda or '-', name)")
-if [ "$MODE" = gpu ] && [ "$GPU_NAME" = - ]; then
+if [ "$MODE" = gpu ] && [ "$GPU_NAME" = - ] && [ "$DRY" = 0 ]; then
     echo "error: torch $TORCH_VERSION (CUDA build: $CUDA_VERSION) sees no CUDA GPU; run with --cpu to check this script on the CPU"
     exit 1
 fi
@@ -94,6 +97,10 @@ step() {  # ID EXPECT COMMAND...: ok when COMMAND exits 0 and its output has a l
     local id=$1 expect=$2
     shift 2
     wanted "$id" || return 0
+    if [ "$DRY" = 1 ]; then
+        record "$id" dry - "expects /$expect/: $*"
+        return 0
+    fi
     local log="$WORK/$id.log" start rc seconds detail
     start=$(date +%s%N)
     echo "+ $*" >"$log"
@@ -163,7 +170,7 @@ step timings "^TIMING" "$PY" benchmarks/gpu_check.py timings --devices "${DEVICE
 # The table
 failed=0
 echo
-echo "GPU check ($MODE$([ "$QUICK" = 1 ] && echo ", --quick")): torch $TORCH_VERSION, CUDA $CUDA_VERSION, GPU ${GPU_NAME//_/ }," \
+echo "GPU check ($MODE$([ "$QUICK" = 1 ] && echo ", --quick")$([ "$DRY" = 1 ] && echo ", --dry-run: nothing ran")): torch $TORCH_VERSION, CUDA $CUDA_VERSION, GPU ${GPU_NAME//_/ }," \
     "$CORES CPU cores; logs in $WORK"
 echo
 echo "| step | result | seconds | detail |"
