@@ -4,6 +4,7 @@ import contextlib
 import glob
 import io
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -24,6 +25,44 @@ def run_script(script, *flags, timeout=600):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+def need_cxx():
+    """Skip the calling test, saying why, where torch.compile cannot build CPU code: no C++ compiler (inductor calls
+    $CXX, else g++; pmat_utils.compile.check_compiler). A compiler is not one of the optional parts: install one."""
+    compiler = os.environ.get("CXX", "g++")
+    if not shutil.which(compiler):
+        pytest.skip(f"torch.compile on the CPU needs a C++ compiler: {compiler!r} is not on the PATH (apt-get install g++)")
+
+
+def run_in_process(module, *flags):
+    """What `python SCRIPT.py FLAGS` runs (module.train(tyro.cli(module.Args))), in this process: no interpreter start
+    and no imports to pay (the real command line's one `error:` line and exit status are checked once per script, in
+    tests/test_long_runs.py). sys.argv is the command line, as --resume reads it. Returns (the SystemExit's code, or
+    None when train returned; stdout; stderr)."""
+    import tyro
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, mkldnn = sys.argv, torch.backends.mkldnn.enabled  # (start_run turns oneDNN off for the run)
+    sys.argv = [module.__name__ + ".py", *flags]
+    code = None
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.train(tyro.cli(module.Args, args=list(flags)))
+    except SystemExit as exit_info:
+        code = exit_info.code
+    finally:
+        sys.argv, torch.backends.mkldnn.enabled = argv, mkldnn
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_line(module, *flags):
+    """The `error:` line with which module's run stops for these flags (run_in_process): sys.exit's one line, the last
+    thing the run says (python prints it to stderr as it exits), with nothing on stderr before it."""
+    code, _, stderr = run_in_process(module, *flags)
+    assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code, (code, stderr[-3000:])
+    assert stderr == "", stderr[-3000:]
+    return code
 
 
 def read_scalars(run_dir):

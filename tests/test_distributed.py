@@ -44,9 +44,9 @@ def test_update_over_two_ranks_equals_one_process_on_the_union(tmp_path):
 
 
 TINY = {
-    "pmat_mamujoco.py": (
-        "--num-envs 4 --num-steps 20 --total-timesteps 160 --num-minibatches 2 --update-epochs 2 --no-async-envs "
-        "--eval-interval 2 --eval-episodes 1"
+    "pmat_mamujoco.py": (  # Hopper: its evaluation episode ends when the hopper falls (Ant's lasts 1000 steps)
+        "--scenario Hopper --agent-conf 3x1 --num-envs 4 --num-steps 20 --total-timesteps 160 --num-minibatches 2 "
+        "--update-epochs 2 --no-async-envs --eval-interval 2 --eval-episodes 1"
     ).split(),
     "pmat_smac.py": (
         "--map 3m --backend smax --num-envs 4 --num-steps 20 --total-timesteps 160 --update-epochs 2 "

@@ -21,14 +21,21 @@ ADROIT_NOTICE = "reward functions were updated"
 JAXMARL_NOTICES = ("Importing submoduled environments", "Submoduled environments not found. Skipping import.")
 
 
-def run_python(code):
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout + result.stderr
+def run_python(*codes):
+    """Each code in a fresh interpreter, side by side -> the output (stdout + stderr) of each, in order."""
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for code in codes
+    ]
+    outputs = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stdout + stderr
+        outputs.append(stdout + stderr)
+    return outputs if len(codes) > 1 else outputs[0]
 
 
 def test_mamujoco_import_and_env_creation_print_no_adroit_notice():
-    pytest.importorskip("gymnasium_robotics")
     direct = run_python("import gymnasium_robotics")
     if ADROIT_NOTICE not in direct:
         pytest.skip("this gymnasium-robotics version prints no AdroitHand notice: nothing to silence")
@@ -82,14 +89,13 @@ def test_filters_drop_only_the_notices(tmp_path):
 
 
 def test_smax_import_and_env_creation_print_no_jaxmarl_notice():
-    pytest.importorskip("jaxmarl")
-    direct = run_python("import jaxmarl")
-    assert all(notice in direct for notice in JAXMARL_NOTICES), direct  # jaxmarl 0.2.0 (pinned) prints them
-    output = run_python(
+    direct, output = run_python(
+        "import jaxmarl",
         "import pmat_smac, pmat_utils.sc2\n"
         "assert '3m' in pmat_utils.sc2.smax_maps()\n"
         "env, reset_all, step_all = pmat_smac.smax_functions('3m', 100)\n"
-        "print('stdout still works')\n"  # stdout is restored after the import
+        "print('stdout still works')\n",  # stdout is restored after the import
     )
+    assert all(notice in direct for notice in JAXMARL_NOTICES), direct  # jaxmarl 0.2.0 (pinned) prints them
     assert not any(notice in output for notice in JAXMARL_NOTICES), output
     assert "stdout still works" in output

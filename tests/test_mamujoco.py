@@ -3,13 +3,14 @@
 import glob
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import conftest
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import read_scalars, run_script
+from conftest import error_line, read_scalars, run_in_process, run_script
 
 import pmat_mamujoco as pm
 from pmat_utils.compile import check_compiler
@@ -192,11 +193,16 @@ DOCUMENTED_TAGS = [
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_script_runs_and_logs(order, tmp_path):
+    """pmat: the user's command (a subprocess); mat and rmat: the same train(), in this process."""
     run_dir = str(tmp_path / order)
     flags = TINY + ["--order", order, "--run-dir", run_dir] + (["--save-model"] if order == "pmat" else [])
-    result = run_script("pmat_mamujoco.py", *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "iter 2/2" in result.stdout
+    if order == "pmat":
+        result = run_script("pmat_mamujoco.py", *flags)
+        returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
+    else:
+        returncode, stdout, stderr = run_in_process(pm, *flags)
+    assert returncode in (0, None), stderr[-3000:]
+    assert "iter 2/2" in stdout
     scalars = read_scalars(run_dir)
     for tag in DOCUMENTED_TAGS:
         assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
@@ -215,6 +221,8 @@ def test_script_runs_and_logs(order, tmp_path):
 
 
 def test_same_seed_same_losses_other_seed_different(tmp_path):
+    """Three real runs, two at a time (one process each: the scripts use one torch thread): seed 1 twice, seed 2."""
+
     def losses(seed, name):
         run_dir = str(tmp_path / name)
         result = run_script("pmat_mamujoco.py", *TINY, "--seed", str(seed), "--run-dir", run_dir, "--eval-interval", "0")
@@ -222,41 +230,29 @@ def test_same_seed_same_losses_other_seed_different(tmp_path):
         scalars = read_scalars(run_dir)
         return [v for tag in ("losses/policy_loss", "losses/value_loss", "losses/ranking_loss") for _, v in scalars[tag]]
 
-    first, again, other = losses(1, "a"), losses(1, "b"), losses(2, "c")
+    with ThreadPoolExecutor(2) as pool:
+        first, again, other = pool.map(losses, (1, 1, 2), ("a", "b", "c"))
     assert first == again
     assert first != other
 
 
 def test_script_runs_with_compile(tmp_path):
-    """--compile end to end (the compiled functions themselves are checked in test_compiled_policy_and_loss_equal_eager);
-    without a C++ compiler it stops at once with a message that says what to install, before making the run folder."""
-    import shutil
-    import subprocess
-    import sys
+    """--compile end to end, the suite's one such run (the compiled functions themselves are checked in
+    test_compiled_policy_and_loss_equal_eager here and in tests/test_smac.py)."""
+    conftest.need_cxx()
+    run_dir = str(tmp_path / "compiled")
+    result = run_script("pmat_mamujoco.py", *TINY, "--compile", "--run-dir", run_dir, "--eval-interval", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "iter 2/2" in result.stdout and "losses/ranking_loss" in read_scalars(run_dir)
 
-    if shutil.which("g++"):
-        run_dir = str(tmp_path / "compiled")
-        result = run_script("pmat_mamujoco.py", *TINY, "--compile", "--run-dir", run_dir, "--eval-interval", "0")
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "iter 2/2" in result.stdout and "losses/ranking_loss" in read_scalars(run_dir)
-    env = {**os.environ, "PATH": str(tmp_path), "CXX": "no-such-compiler"}  # no compiler on the PATH
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(conftest.ROOT, "pmat_mamujoco.py"),
-            *TINY,
-            "--compile",
-            "--run-dir",
-            str(tmp_path / "x"),
-        ],
-        cwd=conftest.ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode != 0 and "--compile on the CPU needs a C++ compiler" in result.stderr
-    assert "Traceback" not in result.stderr
+
+def test_compile_without_a_compiler_is_one_line(tmp_path, monkeypatch):
+    """Without a C++ compiler --compile stops at once with a message that says what to install, before making the run
+    folder (in process, conftest.error_line: one `error:` line, nothing else on stderr)."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on the PATH
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    line = error_line(pm, *TINY, "--compile", "--run-dir", str(tmp_path / "x"))
+    assert "--compile on the CPU needs a C++ compiler" in line
     assert not (tmp_path / "x").exists()  # no empty run folder left behind
 
 
@@ -303,10 +299,9 @@ def test_compile_checks_the_compiler_of_its_device(tmp_path, monkeypatch):
     ],
 )
 def test_bad_input_gives_a_clear_message(flags, bad, accepted):
-    result = run_script("pmat_mamujoco.py", *flags)
-    assert result.returncode != 0
-    assert bad in result.stderr and accepted in result.stderr
-    assert "Traceback" not in result.stderr
+    """In process (conftest.error_line; the real command line's one `error:` line: tests/test_long_runs.py)."""
+    line = error_line(pm, *flags)
+    assert bad in line and accepted in line
 
 
 def test_guarded_step_trains_exactly_like_the_usual_step():
@@ -426,10 +421,7 @@ def test_an_extra_zero_grad_before_the_step_changes_nothing(zeroing):
 def test_compiled_policy_and_loss_equal_eager():
     """--compile: torch.compile'd act (greedy) and ppo_loss give the eager values and gradients, and the compiled
     policy follows in-place weight updates (the optimizer changes the parameters between calls)."""
-    import shutil
-
-    if not shutil.which("g++"):  # .ci/run installs it (build-essential, with gfootball's packages)
-        (pytest.fail if conftest.require_optional() else pytest.skip)("torch.compile on the CPU needs a C++ compiler")
+    conftest.need_cxx()
     agent = perturbed_agent("pmat")
     torch.manual_seed(7)
     obs = torch.randn(6, 4, 7)

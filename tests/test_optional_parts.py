@@ -28,15 +28,58 @@ sys.meta_path.insert(0, HideOptionalParts())
 """
 
 
-def child_pytest(tmp_path, *flags, hide=True, **variables):
-    """pytest on tests/ in a fresh process, with CI, PMAT_REQUIRE_OPTIONAL and PYTHONPATH unset unless given."""
+def start_child_pytest(tmp_path, *flags, hide=True, **variables):
+    """pytest on tests/ in a fresh process, with CI, PMAT_REQUIRE_OPTIONAL and PYTHONPATH unset unless given; returns
+    the running process (finish it with finished()). hide: tmp_path's BLOCKER (written once) hides the parts."""
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "PMAT_REQUIRE_OPTIONAL", "PYTHONPATH")}
     if hide:
-        (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+        if not (tmp_path / "sitecustomize.py").exists():  # (children started side by side share it)
+            (tmp_path / "sitecustomize.py").write_text(BLOCKER)
         env["PYTHONPATH"] = str(tmp_path)
     env.update(variables)
     command = [sys.executable, "-m", "pytest", "tests", "-p", "no:cacheprovider", *flags]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process):
+    """A started child pytest, waited for -> a CompletedProcess (returncode, stdout, stderr)."""
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+# The child pytest runs of the tests below, each a collection of the whole suite (a few seconds of imports): started
+# together, side by side, by the first test that needs one (the `children` fixture), and read by each test.
+CHILDREN = {
+    "collect hidden": (("--collect-only", "-q"), True, {}),
+    "collect visible": (("--collect-only", "-q"), False, {}),
+    "skipped": (("-q", "-rs", "-m", "grf or sc2"), True, {}),
+    "CI=true": (("-q", "-m", "grf or sc2"), True, {"CI": "true"}),
+    "required sc2": (("-q", "-m", "sc2", "-x", "tests/test_sc2.py::test_smac_map_list_is_smac_v1s"), True, {}),
+    "required grf": (("-q", "-m", "grf", "-x", "tests/test_grf.py"), True, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory):
+    """{name: a function that waits for that child pytest of CHILDREN and returns its CompletedProcess}."""
+    folder = tmp_path_factory.mktemp("children")
+    started = {}
+    for name, (flags, hide, variables) in CHILDREN.items():
+        if name.startswith("required"):
+            variables = {**variables, "PMAT_REQUIRE_OPTIONAL": "1"}
+        started[name] = start_child_pytest(folder, *flags, hide=hide, **variables)
+    results = {}
+
+    def result(name):
+        if name not in results:
+            results[name] = finished(started[name])
+        return results[name]
+
+    yield result
+    for process in started.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def collected(result):
@@ -53,12 +96,12 @@ def test_the_blocker_really_hides_the_packages(tmp_path):
     assert result.stdout.split() == "hidden gfootball hidden smac.env hidden pysc2 hidden s2clientprotocol".split()
 
 
-def test_every_module_collects_without_the_optional_parts(tmp_path):
+def test_every_module_collects_without_the_optional_parts(children):
     """The same tests are collected with the optional packages hidden as with whatever this machine has: no module
     needs an optional package at import time."""
-    hidden = child_pytest(tmp_path, "--collect-only", "-q")
+    hidden = children("collect hidden")
     assert hidden.returncode == 0, hidden.stdout[-3000:] + hidden.stderr[-3000:]
-    visible = child_pytest(tmp_path, "--collect-only", "-q", hide=False)
+    visible = children("collect visible")
     assert visible.returncode == 0, visible.stdout[-3000:] + visible.stderr[-3000:]
     assert collected(hidden) == collected(visible) and len(collected(hidden)) > 100
 
@@ -71,10 +114,10 @@ def assert_all_skipped(result):
     assert " skipped" in summary and "passed" not in summary and "failed" not in summary and "error" not in summary
 
 
-def test_optional_tests_are_skipped_with_the_install_command(tmp_path):
+def test_optional_tests_are_skipped_with_the_install_command(children):
     """Without the parts, every test marked grf or sc2 is skipped (none fails, none passes), and the skip reasons
     name the README commands that install them."""
-    result = child_pytest(tmp_path, "-q", "-rs", "-m", "grf or sc2")
+    result = children("skipped")
     assert_all_skipped(result)
     skips = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
     for part in ("grf", "sc2"):  # (the render part is a system library: it cannot be hidden this way)
@@ -82,17 +125,17 @@ def test_optional_tests_are_skipped_with_the_install_command(tmp_path):
         assert any(f"optional part {part!r} is not installed" in line and command in line for line in skips), part
 
 
-def test_ci_alone_still_skips_the_optional_tests(tmp_path):
+def test_ci_alone_still_skips_the_optional_tests(children):
     """CI=true (set by hosted CI services for every job) without PMAT_REQUIRE_OPTIONAL: the README's test command in
     a user's own CI skips the optional parts' tests as on a laptop, it does not fail them."""
-    assert_all_skipped(child_pytest(tmp_path, "-q", "-m", "grf or sc2", CI="true"))
+    assert_all_skipped(children("CI=true"))
 
 
-@pytest.mark.parametrize("part, test", [("sc2", "test_sc2.py::test_smac_map_list_is_smac_v1s"), ("grf", "test_grf.py")])
-def test_a_missing_part_fails_when_required(tmp_path, part, test):
+@pytest.mark.parametrize("part", ["sc2", "grf"])
+def test_a_missing_part_fails_when_required(children, part):
     """.ci/run installs every part before it runs their tests, with PMAT_REQUIRE_OPTIONAL=1: there a missing part is
-    an error, not a skip."""
-    result = child_pytest(tmp_path, "-q", "-m", part, "-x", f"tests/{test}", PMAT_REQUIRE_OPTIONAL="1")
+    an error, not a skip (CHILDREN: the part's tests, -x)."""
+    result = children(f"required {part}")
     assert result.returncode == 1, result.stdout[-3000:]
     assert f"PMAT_REQUIRE_OPTIONAL is set and optional part {part!r} is not installed" in result.stdout
 

@@ -129,11 +129,13 @@ except ImportError:
     pass
 else:
     raise SystemExit("pmat_utils is importable: the blocker did not work")
-m = importlib.import_module(sys.argv[1])
+script = sys.argv[1]
+m = importlib.import_module(script)
+assert "pmat_utils" not in sys.modules
 torch.manual_seed(0)
 B, N, obs_dim, T, E = 6, 3, 7, 4, 2
 obs = torch.randn(B, N, obs_dim)
-if sys.argv[1] == "pmat_mamujoco":
+if script == "pmat_mamujoco":
     agent, avail = m.PMAT(obs_dim, 2, "pmat", n_embd=16, n_head=2, n_block=1), None
     action, log_prob, value, sigma, sigma_log_prob = agent.act(obs)
     assert action.shape == (B, N, 2)
@@ -170,20 +172,24 @@ advantages, returns = m.compute_gae(
     torch.randn(T, E), values, torch.zeros(T, E), torch.zeros(T, E, N), torch.randn(E, N), 0.99, 0.95
 )
 assert advantages.shape == (T, E, N) and torch.allclose(returns, advantages + values)
-print("algorithm ran without pmat_utils")
+print(f"{script}: algorithm ran without pmat_utils")
 """
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_each_script_imports_and_its_algorithm_runs_without_pmat_utils(script, tmp_path):
+def test_each_script_imports_and_its_algorithm_runs_without_pmat_utils(tmp_path):
     """With pmat_utils unimportable (a sitecustomize on PYTHONPATH puts a finder that refuses it first in
-    sys.meta_path), the script imports, and its rollout (PMAT.act, with SMAC's and GRF's action masks), training pass
+    sys.meta_path), each script imports, and its rollout (PMAT.act, with SMAC's and GRF's action masks), training pass
     (evaluate_actions: the first ratio is 1), ppo_loss, an optimizer step (make_optimizer, guarded_step) and
-    compute_gae run on a small batch: the algorithm needs none of the machinery."""
+    compute_gae run on a small batch: the algorithm needs none of the machinery. One fresh interpreter per script,
+    the three side by side."""
     (tmp_path / "sitecustomize.py").write_text(BLOCK_PMAT_UTILS)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-c", ALGORITHM_ALONE, script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "algorithm ran without pmat_utils" in result.stdout
+    command = [sys.executable, "-c", ALGORITHM_ALONE]
+    runs = {
+        s: subprocess.Popen([*command, s], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for s in SCRIPTS
+    }
+    for script, process in runs.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, (script, stdout[-2000:] + stderr[-3000:])
+        assert f"{script}: algorithm ran without pmat_utils" in stdout

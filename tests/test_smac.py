@@ -3,14 +3,12 @@ backend (SMAC v1 against a fake StarCraft II binary) is tested in tests/test_sc2
 
 import math
 import os
-import subprocess
-import sys
 
 import conftest
 import numpy as np
 import pytest
 import torch
-from conftest import read_scalars, run_script
+from conftest import read_scalars, run_in_process, run_script
 
 import pmat_smac as ps
 from pmat_utils.sc2 import Sc2VecEnv, choose_backend
@@ -414,11 +412,17 @@ TINY = (
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_script_runs_on_smax_and_logs(order, tmp_path):
+    """pmat: the user's command (a subprocess); mat and rmat: the same train(), in this process (the SMAX step compiled
+    once for the file, no interpreter start)."""
     run_dir = str(tmp_path / order)
     flags = TINY + ["--order", order, "--run-dir", run_dir] + (["--save-model"] if order == "pmat" else [])
-    result = run_script("pmat_smac.py", *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "backend: smax" in result.stdout and "iter 2/2" in result.stdout
+    if order == "pmat":
+        result = run_script("pmat_smac.py", *flags)
+        returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
+    else:
+        returncode, stdout, stderr = run_in_process(ps, *flags)
+    assert returncode in (0, None), stderr[-3000:]
+    assert "backend: smax" in stdout and "iter 2/2" in stdout
     scalars = read_scalars(run_dir)
     for tag in [
         "charts/win_rate",
@@ -479,31 +483,24 @@ def test_maps_smax_cannot_play_are_refused_by_name(backend, map_name, expected):
         ),
     ],
 )
-def test_bad_input_gives_a_clear_message(flags, expected, tmp_path):
-    """As users run it: `--map MMM2 --cuda` without the game (the README's command), the sc2 backend without the
-    game, a map nobody has, a backend that does not exist, no envs: a message, a non-zero exit, no traceback."""
-    env = dict(os.environ, SC2PATH=str(tmp_path / "no_game_here"))  # whatever this machine has installed
-    result = subprocess.run(
-        [sys.executable, os.path.join(conftest.ROOT, "pmat_smac.py"), *flags],
-        cwd=conftest.ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert result.returncode != 0
+def test_bad_input_gives_a_clear_message(flags, expected, tmp_path, monkeypatch):
+    """As users run it (in process: conftest.run_in_process; the real command line's one `error:` line is checked in
+    tests/test_long_runs.py): `--map MMM2 --cuda` without the game (the README's command), the sc2 backend without the
+    game, a map nobody has, a backend that does not exist (tyro's own message, exit status 2), no envs: a message, a
+    non-zero exit, no traceback."""
+    monkeypatch.setenv("SC2PATH", str(tmp_path / "no_game_here"))  # whatever this machine has installed
+    code, _, stderr = run_in_process(ps, *flags)
+    message = code if isinstance(code, str) else stderr  # sys.exit(message), or tyro's usage error on stderr
+    assert code not in (None, 0), (code, stderr[-2000:])
     for text in expected:
-        assert text in result.stderr, f"{text!r} not in: {result.stderr[-2000:]}"
-    assert "Traceback" not in result.stderr
+        assert text in message, f"{text!r} not in: {message[-2000:]}"
+    assert "Traceback" not in message
 
 
 def test_compiled_policy_and_loss_equal_eager():
     """--compile, discrete actions with masks: torch.compile'd greedy act and ppo_loss give the eager actions, loss,
     logged parts and gradients."""
-    import shutil
-
-    if not shutil.which("g++"):  # .ci/run installs it (build-essential, with gfootball's packages)
-        (pytest.fail if conftest.require_optional() else pytest.skip)("torch.compile on the CPU needs a C++ compiler")
+    conftest.need_cxx()
     agent = perturbed_agent("pmat")
     torch.manual_seed(8)
     obs, avail = torch.randn(6, 4, 7), random_masks(6, 4, 5)

@@ -5,11 +5,12 @@ fails, a failure with PMAT_REQUIRE_OPTIONAL=1)."""
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, count_env0_steps, perturbed_agent, read_scalars, run_script
+from conftest import ROOT, count_env0_steps, error_line, perturbed_agent, read_scalars, run_in_process, run_script
 
 from pmat_utils import video
 
@@ -126,6 +127,10 @@ def test_smax_film_has_one_frame_per_step_of_env_0s_battle():
 
 
 def test_smax_run_and_eval_only_write_decodable_mp4s(tmp_path):
+    """The filmed run is the user's command (a subprocess: ffmpeg is started from a process that runs JAX); the
+    --eval-only film and the refused backend are the same train(), in this process."""
+    import pmat_smac as ps
+
     run_dir = str(tmp_path / "run")
     result = run_script("pmat_smac.py", *SMAX_TINY, "--capture-video", "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -139,15 +144,14 @@ def test_smax_run_and_eval_only_write_decodable_mp4s(tmp_path):
     events.Reload()  # tensorboard shows no MP4: the film's first frame is there as an image
     assert [(e.step, e.width, e.height) for e in events.Images("videos/eval_first_frame")] == [(20, 544, 320)]
     # --eval-only films the run from its checkpoint (into the same name: the checkpoint is of step 20)
-    result = run_script("pmat_smac.py", "--eval-only", "--resume", run_dir, "--capture-video", "--eval-episodes", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "eval: win rate" in result.stdout and "iter" not in result.stdout
-    (count,) = video_frames_printed(result.stdout)
+    code, stdout, stderr = run_in_process(ps, "--eval-only", "--resume", run_dir, "--capture-video", "--eval-episodes", "2")
+    assert code is None, stderr[-3000:]
+    assert "eval: win rate" in stdout and "iter" not in stdout
+    (count,) = video_frames_printed(stdout)
     assert decoded(os.path.join(run_dir, "videos", "eval_20.mp4")).shape == (count, 320, 544, 3)
     # the run was trained on SMAX: evaluating it on another backend is one line (auto would pick the trained one)
-    result = run_script("pmat_smac.py", "--eval-only", "--resume", run_dir, "--backend", "sc2")
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].endswith("was trained on the smax backend: give --backend smax")
+    line = error_line(ps, "--eval-only", "--resume", run_dir, "--backend", "sc2")
+    assert line.endswith("was trained on the smax backend: give --backend smax")
 
 
 def blocked_run(script, flags):
@@ -164,10 +168,29 @@ def blocked_run(script, flags):
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_without_the_flag_smax_draws_nothing(tmp_path):
-    result = blocked_run("pmat_smac.py", [*SMAX_TINY, "--run-dir", str(tmp_path)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "eval:" in result.stdout and not os.path.exists(tmp_path / "videos")
+def block_video_machinery(monkeypatch):
+    """blocked_run's replacements, in this process (for a run_in_process): the video libraries' entry points fail.
+    (pmat_utils.video looks each up when it calls it; blocked_run, in a fresh process, also catches names bound at
+    import time.)"""
+    import imageio
+    import mujoco
+    import PIL.ImageDraw
+
+    def used(*args, **kwargs):
+        raise RuntimeError("video machinery used without --capture-video")
+
+    for module, name in ((imageio, "get_writer"), (PIL.ImageDraw, "Draw"), (mujoco, "Renderer"), (mujoco, "GLContext")):
+        monkeypatch.setattr(module, name, used)
+
+
+def test_without_the_flag_smax_draws_nothing(tmp_path, monkeypatch):
+    """In process (the SMAX step compiled once for the file), with blocked_run's replacements."""
+    import pmat_smac as ps
+
+    block_video_machinery(monkeypatch)
+    code, stdout, stderr = run_in_process(ps, *SMAX_TINY, "--run-dir", str(tmp_path))
+    assert code is None, stderr[-3000:]
+    assert "eval:" in stdout and not os.path.exists(tmp_path / "videos")
 
 
 # ------------------------------------------------------------------------------------------------- MuJoCo
@@ -178,22 +201,30 @@ MUJOCO_TINY = (
 
 
 def test_without_the_flag_mujoco_builds_no_renderer(tmp_path):
+    """A real process whose video entry points are replaced before anything is imported (so a name imported from the
+    libraries at import time is caught too); the SMAX and GRF runs without the flag do this in process."""
     result = blocked_run("pmat_mamujoco.py", [*MUJOCO_TINY, "--run-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("eval:") == 2 and not os.path.exists(tmp_path / "videos")
 
 
 def test_mujoco_filming_does_not_change_training_and_eval_only_films_a_saved_run(render, tmp_path):
-    runs = {}
-    for filmed in (False, True):
+    """The run without and the run with --capture-video side by side (a process each), then --eval-only."""
+
+    def train(filmed):
         run_dir = str(tmp_path / f"video{filmed}")
-        result = run_script("pmat_mamujoco.py", *MUJOCO_TINY, "--run-dir", run_dir, *(["--capture-video"] * filmed))
+        return run_script("pmat_mamujoco.py", *MUJOCO_TINY, "--run-dir", run_dir, *(["--capture-video"] * filmed))
+
+    runs = {}
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip((False, True), pool.map(train, (False, True))))
+    for filmed, result in results.items():
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[filmed] = read_scalars(run_dir)
+        runs[filmed] = read_scalars(str(tmp_path / f"video{filmed}"))
     assert set(runs[True]) == set(runs[False])
     for tag in ("losses/policy_loss", "losses/value_loss", "eval/episodic_return"):  # rMAT's orders draw on the RNG
         assert runs[True][tag] == runs[False][tag], tag
-    counts = video_frames_printed(result.stdout)
+    counts = video_frames_printed(results[True].stdout)
     assert len(counts) == 2 and not os.path.exists(tmp_path / "videoFalse" / "videos")
     for step, count in zip((32, 64), counts):
         path = str(tmp_path / "videoTrue" / "videos" / f"eval_{step}.mp4")
@@ -253,9 +284,10 @@ def test_mujoco_film_has_one_frame_per_step_and_decodes(render, tmp_path):
     ],
 )
 def test_bad_video_flags_are_one_line(tmp_path, flags, message):
-    result = run_script("pmat_mamujoco.py", *[f.format(tmp=tmp_path) for f in flags])
-    assert result.returncode != 0 and message in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    """In process (conftest.error_line: one `error:` line, nothing else on stderr)."""
+    import pmat_mamujoco as pm
+
+    assert message in error_line(pm, *[f.format(tmp=tmp_path) for f in flags])
 
 
 def test_mujoco_renderer_that_cannot_start_is_one_line():
@@ -268,20 +300,23 @@ def test_mujoco_renderer_that_cannot_start_is_one_line():
     assert "apt-get install libegl1 libegl-mesa0 libopengl0 libgl1-mesa-dri" in result.stderr
 
 
-def test_eval_only_keeps_the_runs_set_up_and_films_only_when_asked(tmp_path):
+def test_eval_only_keeps_the_runs_set_up_and_films_only_when_asked(tmp_path, monkeypatch):
     """A MuJoCo run trained with --capture-video, evaluated with --eval-only: without the flag nothing is filmed (the
     saved flag is not inherited), and a flag that defines the run (here --agent-obsk) given another value is one line,
-    not a shape error from inside the network. Eval-only builds no renderer without the flag (no EGL needed)."""
+    not a shape error from inside the network. Eval-only builds no renderer without the flag (no EGL needed). All in
+    process (run_in_process, with blocked_run's replacements for the evaluation)."""
+    import pmat_mamujoco as pm
+
     run_dir = tmp_path / "run"
-    result = run_script("pmat_mamujoco.py", *MUJOCO_TINY, "--eval-interval", "0", "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, stderr = run_in_process(pm, *MUJOCO_TINY, "--eval-interval", "0", "--run-dir", str(run_dir))
+    assert code is None, stderr[-3000:]
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     checkpoint["args"]["capture_video"] = True  # as if it had been trained with --capture-video
     torch.save(checkpoint, run_dir / "checkpoint.pt")
-    result = blocked_run("pmat_mamujoco.py", ["--eval-only", "--resume", str(run_dir)])
-    assert result.returncode == 0 and "eval: return" in result.stdout, result.stderr[-3000:]
+    with monkeypatch.context() as blocked:
+        block_video_machinery(blocked)
+        code, stdout, stderr = run_in_process(pm, "--eval-only", "--resume", str(run_dir))
+    assert code is None and "eval: return" in stdout, stderr[-3000:]
     assert not (run_dir / "videos").exists()
-    result = run_script("pmat_mamujoco.py", "--eval-only", "--resume", str(run_dir), "--agent-obsk", "1")
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert lines[-1].startswith(f"error: --eval-only --resume {run_dir}") and "--agent-obsk 2" in lines[-1]
+    line = error_line(pm, "--eval-only", "--resume", str(run_dir), "--agent-obsk", "1")  # in process
+    assert line.startswith(f"error: --eval-only --resume {run_dir}") and "--agent-obsk 2" in line

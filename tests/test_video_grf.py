@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import perturbed_agent, run_script
-from test_video import blocked_run, decoded, video_frames_printed
+from conftest import perturbed_agent, run_in_process, run_script
+from test_video import block_video_machinery, decoded, video_frames_printed
 
 import pmat_grf as pg
 from pmat_utils import video
@@ -62,7 +62,9 @@ def test_run_writes_decodable_mp4(grf, tmp_path):
     assert decoded(os.path.join(run_dir, "videos", "eval_40.mp4")).shape == (count, 192, 640, 3) and count > 1
 
 
-def test_without_the_flag_nothing_is_drawn(grf, tmp_path):
-    result = blocked_run("pmat_grf.py", [*TINY, "--run-dir", str(tmp_path)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "eval:" in result.stdout and not os.path.exists(tmp_path / "videos")
+def test_without_the_flag_nothing_is_drawn(grf, tmp_path, monkeypatch):
+    """In process, with blocked_run's replacements (test_video.block_video_machinery)."""
+    block_video_machinery(monkeypatch)
+    code, stdout, stderr = run_in_process(pg, *TINY, "--run-dir", str(tmp_path))
+    assert code is None, stderr[-3000:]
+    assert "eval:" in stdout and not os.path.exists(tmp_path / "videos")
