@@ -231,3 +231,48 @@ def test_real_tiny_ablation_on_mamujoco(tmp_path):
                 assert np.all(curves["order/agent0_first"][1] == 1.0)
     png = out / "ablation_pmat_mamujoco.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_order_ablation_table_matches_known_values(tmp_path):
+    """benchmarks/order_ablation.py over two ablation folders: the scale-free folder's pmat runs become their own
+    variant, the table's numbers are the hand-computed ones and an unfinished run is left out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import order_ablation
+
+    steps = [0, 100, 200, 300]
+    plain, scale_free = tmp_path / "plain", tmp_path / "scale_free"
+
+    def run(folder, name, wins, nlp, spread, first, done=True):
+        write_run(
+            folder,
+            name,
+            {
+                "eval/win_rate": list(zip(steps, wins)),
+                "order/neg_log_prob_over_uniform": [(s, nlp) for s in steps],
+                "order/log_weight_spread": [(s, spread) for s in steps],
+                "order/agent0_first": [(s, first) for s in steps],
+                "order/agent1_first": [(s, 1 - first) for s in steps],
+            },
+            done,
+        )
+
+    run(plain, "pmat_seed1", [0, 0, 0.3, 0.6], 0.99, 0.1, 0.5)
+    run(plain, "pmat_seed2", [0, 0, 0.6, 0.9], 0.97, 0.3, 0.7)
+    run(plain, "mat_seed1", [0, 0.2, 0.4, 0.6], 0.0, 0.0, 1.0)
+    run(plain, "rmat_seed1", [1, 1, 1, 1], 1.0, 0.0, 0.5, done=False)
+    run(scale_free, "pmat_seed1", [0, 0, 0, 0], 0.5, 2.0, 0.9)
+    out = tmp_path / "order"
+    order_ablation.main(order_ablation.Args(folder=(str(plain), str(scale_free)), out=str(out), last=2))
+
+    rows = {}
+    for line in (tmp_path / "order.md").read_text().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7:
+            rows[cells[0]] = [float(x) for x in re.findall(r"-?\d+\.\d+|\d[\d,]*", " ".join(cells[1:]).replace(",", ""))]
+    assert set(rows) == {"pmat", "pmat (scale-free)", "mat"}
+    # seeds, steps, final (mean of the last 2 evals) +- std, mean win rate over the run +- std (pmat: trapezoids
+    # 60 / 300 and 105 / 300), final -log P / log N!, spread and most-often-first, each +- std
+    assert rows["pmat"] == pytest.approx([2, 300, 0.6, 0.15, 0.275, 0.075, 0.98, 0.01, 0.2, 0.1, 0.6, 0.1], abs=1e-3)
+    assert rows["mat"] == pytest.approx([1, 300, 0.5, 0, 0.3, 0, 0, 0, 0, 0, 1, 0], abs=1e-3)
+    assert rows["pmat (scale-free)"] == pytest.approx([1, 300, 0, 0, 0, 0, 0.5, 0, 2, 0, 0.9, 0], abs=1e-3)
+    assert (tmp_path / "order.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
