@@ -93,6 +93,8 @@ def config_title(script: str, extra: list[str]) -> str:
     parts = [flag_value(extra, f) for f in env_flags]
     if Path(script).name == "pmat_mamujoco.py":  # the script's defaults, so the title is never empty
         parts = [parts[0] or "Ant", parts[1] or "4x2"]
+    if Path(script).name == "pmat_smac.py" and flag_value(extra, "--backend") == "smax":
+        title = "SMAX"  # JAX's re-implementation: its numbers are not SMAC's
     parts = [p for p in parts if p]
     steps = flag_value(extra, "--total-timesteps")
     return " ".join([title] + parts) + (f", {int(steps):,} steps" if steps and steps.isdigit() else "")

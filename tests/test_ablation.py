@@ -63,6 +63,8 @@ def test_plot_only_table_matches_known_values(tmp_path, capsys):
         assert rows[variant] == pytest.approx(expected, rel=1e-3), variant
     assert "eval/win_rate" in capsys.readouterr().out
     png = tmp_path / "ablation_pmat_smac.png"
+    assert rmat_ablation.config_title("pmat_smac.py", ["--map", "3s5z", "--backend", "smax"]) == "SMAX 3s5z"
+    assert rmat_ablation.config_title("pmat_smac.py", ["--map", "3s5z"]) == "SMAC 3s5z"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
