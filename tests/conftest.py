@@ -56,6 +56,25 @@ def run_in_process(module, *flags):
     return code, out.getvalue(), err.getvalue()
 
 
+def run_user_command(module, *flags, in_process):
+    """`python SCRIPT.py FLAGS` as the user runs it (a subprocess), or in this process (run_in_process) ->
+    (exit code: 0 or None when it finished; stdout; stderr)."""
+    if in_process:
+        return run_in_process(module, *flags)
+    result = run_script(module.__name__ + ".py", *flags)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small networks run fastest on one thread, and a busy 2-core machine punishes more (a module's
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def error_line(module, *flags):
     """The `error:` line with which module's run stops for these flags (run_in_process): sys.exit's one line, the last
     thing the run says (python prints it to stderr as it exits), with nothing on stderr before it."""

@@ -23,14 +23,7 @@ import pmat_grf as pg
 import pmat_mamujoco as pm
 import pmat_smac as ps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small networks run fastest on one thread, and a busy 2-core machine punishes more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(module, run_dir, *flags):

@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import error_line, read_scalars, run_in_process, run_script
+from conftest import error_line, read_scalars, run_script, run_user_command
 
 import pmat_mamujoco as pm
 from pmat_utils.compile import check_compiler
@@ -196,11 +196,7 @@ def test_script_runs_and_logs(order, tmp_path):
     """pmat: the user's command (a subprocess); mat and rmat: the same train(), in this process."""
     run_dir = str(tmp_path / order)
     flags = TINY + ["--order", order, "--run-dir", run_dir] + (["--save-model"] if order == "pmat" else [])
-    if order == "pmat":
-        result = run_script("pmat_mamujoco.py", *flags)
-        returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
-    else:
-        returncode, stdout, stderr = run_in_process(pm, *flags)
+    returncode, stdout, stderr = run_user_command(pm, *flags, in_process=order != "pmat")
     assert returncode in (0, None), stderr[-3000:]
     assert "iter 2/2" in stdout
     scalars = read_scalars(run_dir)

@@ -8,7 +8,7 @@ import conftest
 import numpy as np
 import pytest
 import torch
-from conftest import read_scalars, run_in_process, run_script
+from conftest import read_scalars, run_in_process, run_user_command
 
 import pmat_smac as ps
 from pmat_utils.sc2 import Sc2VecEnv, choose_backend
@@ -16,13 +16,7 @@ from pmat_utils.sc2 import Sc2VecEnv, choose_backend
 ORDERS = ["pmat", "mat", "rmat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small networks run fastest on one thread, and a busy 2-core machine punishes more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def perturbed_agent(order, obs_dim=7, n_actions=5, seed=0):
@@ -416,11 +410,7 @@ def test_script_runs_on_smax_and_logs(order, tmp_path):
     once for the file, no interpreter start)."""
     run_dir = str(tmp_path / order)
     flags = TINY + ["--order", order, "--run-dir", run_dir] + (["--save-model"] if order == "pmat" else [])
-    if order == "pmat":
-        result = run_script("pmat_smac.py", *flags)
-        returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
-    else:
-        returncode, stdout, stderr = run_in_process(ps, *flags)
+    returncode, stdout, stderr = run_user_command(ps, *flags, in_process=order != "pmat")
     assert returncode in (0, None), stderr[-3000:]
     assert "backend: smax" in stdout and "iter 2/2" in stdout
     scalars = read_scalars(run_dir)
