@@ -19,6 +19,11 @@ def setup_distributed(cuda):
     if world_size > 1:
         if use_cuda:
             torch.cuda.set_device(device)
+        # torch.distributed.nn's functions take group=group.WORLD as a default argument, fixed at import; imported
+        # later (torch.optim imports it through torch._dynamo) they would hold the group past destroy_process_group,
+        # and gloo's threads would still run while the interpreter exits: a rank can then abort at exit (SIGABRT)
+        import torch.distributed.nn as dist_nn  # noqa: F401
+
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world_size, device
 
@@ -50,5 +55,5 @@ def finish_distributed(module, rank, world_size):
     in_step = ranks_in_step(module)
     if rank == 0:
         print(f"torchrun: the weights are identical on {in_step} of {world_size} ranks", flush=True)
-    dist.barrier()  # every rank done with the group before any tears it down (else gloo can abort a rank at exit)
-    dist.destroy_process_group()
+    dist.barrier()  # every rank done with the group before any tears it down
+    dist.destroy_process_group()  # gloo's or NCCL's threads end here (setup_distributed says why they can)

@@ -6,10 +6,12 @@ Every rank builds the same batch (64 samples, 4 agents, pmat_mamujoco's network)
 share (rank r: samples r*32 ... r*32+31) and runs the update with the script's own pieces (and pmat_utils'
 setup_distributed): ValueNorm.update, normalize_advantages, ppo_loss and guarded_step (which averages the gradients
 over the ranks).
-Rank 0 saves the new weights and ValueNorm's statistics to OUT.pt. The test runs the same update in one process on
-the union of the ranks' mini-batches and compares.
+Rank 0 saves the new weights and ValueNorm's statistics to OUT.pt, and the threads it still runs after the scripts'
+finish_distributed. The test runs the same update in one process on the union of the ranks' mini-batches and
+compares.
 """
 
+import glob
 import os
 import sys
 
@@ -17,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pmat_mamujoco as pm  # noqa: E402
-from pmat_utils.distributed import setup_distributed  # noqa: E402
+from pmat_utils.distributed import finish_distributed, setup_distributed  # noqa: E402
 
 BATCH, N_AGENTS, OBS_DIM, ACT_DIM, MINIBATCHES, EPOCHS, WORLD = 64, 4, 11, 2, 4, 2, 2
 
@@ -97,7 +99,7 @@ if __name__ == "__main__":
     weights, value_stats = update(agent, local, local_minibatches)
     gathered = [torch.empty_like(weights) for _ in range(world_size)]
     torch.distributed.all_gather(gathered, weights)  # the test also checks that the ranks agree
+    finish_distributed(agent, rank, world_size)  # as the scripts end
+    threads = [open(comm).read().strip() for comm in glob.glob("/proc/self/task/*/comm")]  # Linux: this process's
     if rank == 0:
-        torch.save({"weights": weights, "value_stats": value_stats, "all_ranks": gathered}, sys.argv[1])
-    torch.distributed.barrier()  # as the scripts: no rank tears the group down while another still uses it
-    torch.distributed.destroy_process_group()
+        torch.save({"weights": weights, "value_stats": value_stats, "all_ranks": gathered, "threads": threads}, sys.argv[1])

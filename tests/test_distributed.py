@@ -25,7 +25,8 @@ def test_update_over_two_ranks_equals_one_process_on_the_union(tmp_path):
     """One PPO update (2 epochs x 4 mini-batches, ranking loss on) with the batch split over 2 gloo ranks gives the
     weights and ValueNorm statistics of one process that updates on the union of the ranks' mini-batches: the
     gradients are averaged, the advantages normalised with global statistics and ValueNorm updated with them. The
-    ranks end with identical weights. Control: one process on rank 0's share alone ends elsewhere."""
+    ranks end with identical weights, and no gloo thread outlives finish_distributed. Control: one process on rank
+    0's share alone ends elsewhere."""
     result = torchrun("tests/dist_update.py", str(tmp_path / "out.pt"), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
@@ -36,6 +37,8 @@ def test_update_over_two_ranks_equals_one_process_on_the_union(tmp_path):
     torch.testing.assert_close(out["weights"], weights, rtol=0, atol=2e-6)
     torch.testing.assert_close(out["value_stats"], value_stats, rtol=1e-6, atol=1e-9)
     assert all(torch.equal(w, out["all_ranks"][0]) for w in out["all_ranks"])
+    # the process group is gone after finish_distributed: no gloo thread left to run into the interpreter's exit
+    assert out["threads"] and not [t for t in out["threads"] if "gloo" in t], out["threads"]
 
     agent, batch, shuffles = dist_update.make_batch()
     share = slice(0, dist_update.BATCH // dist_update.WORLD)
