@@ -100,6 +100,6 @@ if __name__ == "__main__":
     gathered = [torch.empty_like(weights) for _ in range(world_size)]
     torch.distributed.all_gather(gathered, weights)  # the test also checks that the ranks agree
     finish_distributed(agent, rank, world_size)  # as the scripts end
-    threads = [open(comm).read().strip() for comm in glob.glob("/proc/self/task/*/comm")]  # Linux: this process's
+    threads = [open(comm).read().strip() for comm in glob.glob("/proc/self/task/*/comm")]  # this process's (Linux)
     if rank == 0:
         torch.save({"weights": weights, "value_stats": value_stats, "all_ranks": gathered, "threads": threads}, sys.argv[1])
